@@ -1,0 +1,254 @@
+"""MMDiT with FLUX-style double-stream and single-stream blocks (Flax NNX).
+
+Forward pass on packed image tokens (Black Forest Labs FLUX.1; diffusers `FluxTransformer2DModel`):
+  1. img = img_in(x_tokens); txt = txt_in(context).
+  2. vec = time_in(emb(1000σ)) [+ guidance_in(emb(1000·g))] + vector_in(pooled).
+  3. Double-stream blocks: each stream is adaLN-modulated (shift, scale, gate ×2 from vec), projects
+     its own q/k/v with RMS q/k norm; attention runs jointly over [txt; img] with 3-axis RoPE
+     (text ids are zero); each stream has its own output projection and MLP.
+  4. Single-stream blocks over the concatenation [txt; img]: one modulation (shift, scale, gate),
+     parallel attention and MLP branches summed into one residual.
+  5. Final adaLN (shift, scale) + linear to the patch channels, on the image tokens only.
+Projections are separate q/k/v (as diffusers stores them) so each shards cleanly by heads; the
+single block's output linear on concat(attn, mlp) is kept as two kernels (attn_out + mlp_out), an
+identical function that lets the two inputs shard on 'heads' and 'mlp'.
+Layers optionally run as a `lax.scan` over stacked weights with a remat policy (config).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rewarddance_jax.nn import layers
+from rewarddance_jax.nn.attention import attention
+from rewarddance_jax.nn.rope import apply_rope, rope_angles
+from rewarddance_jax.parallel.sharding import constrain
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+_TOKENS = ('act_batch', 'act_len', 'act_embed')
+
+
+@dataclass(frozen=True)
+class MMDiTConfig:
+  """Static architecture of the transformer (hashable: it lives in the graphdef)."""
+  in_channels: int = 64          # channels of a packed token (latent channels · patch²)
+  out_channels: int | None = None
+  num_heads: int = 24
+  head_dim: int = 128
+  depth_double: int = 19
+  depth_single: int = 38
+  mlp_ratio: float = 4.0
+  context_dim: int = 4096
+  pooled_dim: int = 768
+  axes_dims: tuple[int, ...] = (16, 56, 56)
+  rope_theta: float = 10000.0
+  guidance_embed: bool = False
+  qkv_bias: bool = True
+  dtype: str = 'float32'         # compute dtype
+  param_dtype: str = 'float32'
+  scan_layers: bool = False
+  remat: str = 'none'
+  attention: str = 'auto'
+  # Pin block outputs to the `act_batch` layout with sharding constraints. Off by default: on the
+  # CPU backend (jax 0.10.2) the constraints made gradients of the text stream differ by up to
+  # 20% between a (2, 2, 2) mesh and one device, while every 1- and 2-axis mesh matched; without
+  # them GSPMD propagation from the batch and weight shardings gives matching results everywhere.
+  constrain_activations: bool = False
+
+  @property
+  def hidden(self) -> int:
+    return self.num_heads * self.head_dim
+
+  def __post_init__(self):
+    if sum(self.axes_dims) != self.head_dim:
+      raise ValueError(f'model.axes_dims={tuple(self.axes_dims)} must sum to head_dim='
+                       f'{self.head_dim}.')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'model.remat={self.remat!r} is not one of {tuple(REMAT_POLICIES)}.')
+
+
+def _dt(name: str):
+  return jnp.dtype(name)
+
+
+class _Attn(nnx.Module):
+  """q/k/v projections with RMS q/k norm for one stream."""
+
+  def __init__(self, cfg: MMDiTConfig, rngs: nnx.Rngs):
+    d, kw = cfg.hidden, dict(rngs=rngs, dtype=_dt(cfg.dtype), param_dtype=_dt(cfg.param_dtype))
+    self.heads = cfg.num_heads
+    self.q = layers.dense(d, d, ('embed', 'heads'), use_bias=cfg.qkv_bias, **kw)
+    self.k = layers.dense(d, d, ('embed', 'heads'), use_bias=cfg.qkv_bias, **kw)
+    self.v = layers.dense(d, d, ('embed', 'heads'), use_bias=cfg.qkv_bias, **kw)
+    self.q_norm = layers.RMSNorm(cfg.head_dim, name='kv')
+    self.k_norm = layers.RMSNorm(cfg.head_dim, name='kv')
+
+  def __call__(self, x):
+    split = lambda t: t.reshape(*t.shape[:2], self.heads, -1)
+    return self.q_norm(split(self.q(x))), self.k_norm(split(self.k(x))), split(self.v(x))
+
+
+def _constrain(cfg: MMDiTConfig, x: jax.Array) -> jax.Array:
+  return constrain(x, _TOKENS) if cfg.constrain_activations else x
+
+
+def _joint_attention(cfg, q, k, v, angles, mask):
+  q, k = apply_rope(q, angles), apply_rope(k, angles)
+  out = attention(q, k, v, mask=mask, impl=cfg.attention)
+  return out.reshape(*out.shape[:2], -1)
+
+
+class DoubleBlock(nnx.Module):
+  """Two streams (txt, img), joint attention, separate weights per stream."""
+
+  def __init__(self, cfg: MMDiTConfig, rngs: nnx.Rngs):
+    d = cfg.hidden
+    kw = dict(rngs=rngs, dtype=_dt(cfg.dtype), param_dtype=_dt(cfg.param_dtype))
+    self.cfg = cfg
+    self.img_mod = layers.Modulation(d, 6, **kw)
+    self.txt_mod = layers.Modulation(d, 6, **kw)
+    self.img_attn = _Attn(cfg, rngs)
+    self.txt_attn = _Attn(cfg, rngs)
+    self.img_out = layers.dense(d, d, ('heads', 'embed'), **kw)
+    self.txt_out = layers.dense(d, d, ('heads', 'embed'), **kw)
+    hidden = int(d * cfg.mlp_ratio)
+    self.img_mlp = layers.FeedForward(d, hidden, **kw)
+    self.txt_mlp = layers.FeedForward(d, hidden, **kw)
+
+  def __call__(self, carry):
+    img, txt, vec, angles, mask = carry
+    i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = self.img_mod(vec)
+    t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = self.txt_mod(vec)
+    iq, ik, iv = self.img_attn(layers.modulate(layers.layer_norm(img), i_sh1, i_sc1))
+    tq, tk, tv = self.txt_attn(layers.modulate(layers.layer_norm(txt), t_sh1, t_sc1))
+    cat = lambda a, b: jnp.concatenate([a, b], axis=1)
+    attn = _joint_attention(self.cfg, cat(tq, iq), cat(tk, ik), cat(tv, iv), angles, mask)
+    n_txt = txt.shape[1]
+    txt = txt + t_g1[:, None] * self.txt_out(attn[:, :n_txt])
+    img = img + i_g1[:, None] * self.img_out(attn[:, n_txt:])
+    img = img + i_g2[:, None] * self.img_mlp(layers.modulate(layers.layer_norm(img), i_sh2, i_sc2))
+    txt = txt + t_g2[:, None] * self.txt_mlp(layers.modulate(layers.layer_norm(txt), t_sh2, t_sc2))
+    return _constrain(self.cfg, img), _constrain(self.cfg, txt), vec, angles, mask
+
+
+class SingleBlock(nnx.Module):
+  """One stream over [txt; img]: parallel attention and MLP, one modulated residual."""
+
+  def __init__(self, cfg: MMDiTConfig, rngs: nnx.Rngs):
+    d = cfg.hidden
+    kw = dict(rngs=rngs, dtype=_dt(cfg.dtype), param_dtype=_dt(cfg.param_dtype))
+    self.cfg = cfg
+    hidden = int(d * cfg.mlp_ratio)
+    self.mod = layers.Modulation(d, 3, **kw)
+    self.attn = _Attn(cfg, rngs)
+    self.mlp_in = layers.dense(d, hidden, ('embed', 'mlp'), **kw)
+    self.attn_out = layers.dense(d, d, ('heads', 'embed'), use_bias=False, **kw)
+    self.mlp_out = layers.dense(hidden, d, ('mlp', 'embed'), **kw)
+
+  def __call__(self, carry):
+    x, vec, angles, mask = carry
+    shift, scale, gate = self.mod(vec)
+    h = layers.modulate(layers.layer_norm(x), shift, scale)
+    q, k, v = self.attn(h)
+    attn = _joint_attention(self.cfg, q, k, v, angles, mask)
+    mlp = jax.nn.gelu(self.mlp_in(h), approximate=True)
+    x = x + gate[:, None] * (self.attn_out(attn) + self.mlp_out(mlp))
+    return _constrain(self.cfg, x), vec, angles, mask
+
+
+def _make_stack(block_cls, cfg: MMDiTConfig, depth: int, rngs: nnx.Rngs):
+  if not cfg.scan_layers:
+    return nnx.List([block_cls(cfg, rngs) for _ in range(depth)])
+
+  @nnx.split_rngs(splits=depth)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+  def create(r):
+    return block_cls(cfg, r)
+
+  return create(rngs)
+
+
+def _run_stack(stack, cfg: MMDiTConfig, depth: int, carry):
+  policy = REMAT_POLICIES[cfg.remat]
+  if depth == 0:
+    return carry
+  if cfg.scan_layers:
+    graphdef, state = nnx.split(stack)
+
+    def body(c, s):
+      return nnx.merge(graphdef, s)(c), None
+
+    if cfg.remat != 'none':
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    carry, _ = jax.lax.scan(body, carry, state)
+    return carry
+  for block in stack:
+    if cfg.remat != 'none':
+      carry = nnx.remat(lambda b, c: b(c), policy=policy)(block, carry)
+    else:
+      carry = block(carry)
+  return carry
+
+
+class MMDiT(nnx.Module):
+  """The transformer: packed image tokens + text tokens → velocity per image token."""
+
+  def __init__(self, cfg: MMDiTConfig, *, rngs: nnx.Rngs):
+    d = cfg.hidden
+    kw = dict(rngs=rngs, dtype=_dt(cfg.dtype), param_dtype=_dt(cfg.param_dtype))
+    self.cfg = cfg
+    self.img_in = layers.dense(cfg.in_channels, d, (None, 'embed'), **kw)
+    self.txt_in = layers.dense(cfg.context_dim, d, (None, 'embed'), **kw)
+    self.time_in = layers.MLPEmbedder(256, d, **kw)
+    self.vector_in = layers.MLPEmbedder(cfg.pooled_dim, d, **kw)
+    self.guidance_in = layers.MLPEmbedder(256, d, **kw) if cfg.guidance_embed else None
+    self.double_blocks = _make_stack(DoubleBlock, cfg, cfg.depth_double, rngs)
+    self.single_blocks = _make_stack(SingleBlock, cfg, cfg.depth_single, rngs)
+    self.final_mod = layers.Modulation(d, 2, **kw)
+    # Zero-initialised output: the untrained model predicts v = 0 (stable start from scratch).
+    self.final_out = layers.dense(d, cfg.out_channels or cfg.in_channels, ('embed', None),
+                                  kernel_init=nnx.initializers.zeros_init(), **kw)
+
+  def __call__(self, img: jax.Array, img_ids: jax.Array, txt: jax.Array, txt_ids: jax.Array,
+               timesteps: jax.Array, pooled: jax.Array, guidance: jax.Array | None = None,
+               txt_mask: jax.Array | None = None) -> jax.Array:
+    """img (B,N,C_in), ids (B,N,3), txt (B,L,C_ctx), timesteps (B,) already ×1000, pooled (B,P)."""
+    cfg = self.cfg
+    dtype = _dt(cfg.dtype)
+    img = _constrain(cfg, self.img_in(img.astype(dtype)))
+    txt = _constrain(cfg, self.txt_in(txt.astype(dtype)))
+    vec = self.time_in(layers.timestep_embedding(timesteps, 256).astype(dtype))
+    if self.guidance_in is not None:
+      if guidance is None:
+        raise ValueError('this model has a guidance embedding: pass guidance (B,).')
+      vec = vec + self.guidance_in(layers.timestep_embedding(guidance * 1000.0, 256).astype(dtype))
+    vec = vec + self.vector_in(pooled.astype(dtype))
+    angles = rope_angles(jnp.concatenate([txt_ids, img_ids], axis=1), cfg.axes_dims,
+                         cfg.rope_theta)
+    mask = None
+    if txt_mask is not None:
+      mask = jnp.concatenate([txt_mask.astype(bool),
+                              jnp.ones(img.shape[:2], bool)], axis=1)
+    img, txt, vec, angles, mask = _run_stack(self.double_blocks, cfg, cfg.depth_double,
+                                             (img, txt, vec, angles, mask))
+    n_txt = txt.shape[1]
+    x = jnp.concatenate([txt, img], axis=1)
+    x, *_ = _run_stack(self.single_blocks, cfg, cfg.depth_single, (x, vec, angles, mask))
+    img = x[:, n_txt:]
+    shift, scale = self.final_mod(vec)
+    out = self.final_out(layers.modulate(layers.layer_norm(img), shift, scale))
+    return out.astype(jnp.float32)
+
+
+def param_count(tree) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(tree))

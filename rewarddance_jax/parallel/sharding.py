@@ -1,0 +1,168 @@
+"""Logical axis rules -> shardings; sharded init from abstract state; host batch -> global array.
+
+Every weight carries logical axis names (`nnx.with_partitioning(init, ('embed', 'mlp'))`, stored as
+the Param's `out_sharding` metadata); the mapping to mesh axes is a list of rules in the config:
+
+  config.sharding_rules = (('act_batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'), ...)
+
+Sharded initialisation (JAX_CONVENTIONS §5.2), as `sharded_init` does it:
+  1. Build the module abstractly with `nnx.eval_shape` under `jax.set_mesh(mesh)` and the rules.
+  2. Read each Param's logical names and map them through the rules (`logical_to_mesh_axes`), with
+     the stacked-layer axis of scanned blocks included; a name that no rule mentions is an error,
+     so a typo in a model or a config never silently replicates a 12B weight.
+  3. `jax.jit(init, out_shardings=...)()`: each device materialises only its own shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+Rules = tuple[tuple[str, Any], ...]
+
+# Default rules (JAX_CONVENTIONS §5.1). Weights: embed, mlp, heads, kv, vocab, conv_in, conv_out,
+# layers, lora_rank, norm; activations: act_batch, act_len, act_embed, act_heads.
+DEFAULT_RULES: Rules = (
+    ('act_batch', ('data', 'fsdp')),
+    ('act_len', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('vocab', 'tensor'),
+    ('conv_out', 'fsdp'),
+    ('kv', None),
+    ('conv_in', None),
+    ('layers', None),
+    ('lora_rank', None),
+    ('norm', None),
+)
+
+
+def rules_from_config(rules) -> Rules:
+  """Normalises config rules (lists from ml_collections) into a hashable tuple of pairs."""
+  out = []
+  for i, rule in enumerate(rules):
+    if len(rule) != 2:
+      raise ValueError(f'sharding_rules[{i}]={rule!r}: each rule is (logical_name, mesh_axes).')
+    name, axes = rule
+    if isinstance(axes, list):
+      axes = tuple(axes)
+    out.append((str(name), axes))
+  return tuple(out)
+
+
+def check_rules(rules: Rules, mesh: Mesh) -> None:
+  """Every mesh axis a rule names must exist in the mesh."""
+  for name, axes in rules:
+    for axis in (axes if isinstance(axes, tuple) else (axes,)):
+      if axis is not None and axis not in mesh.axis_names:
+        raise ValueError(
+            f'sharding rule {name!r} -> {axes!r} names mesh axis {axis!r}, '
+            f'but the mesh has axes {mesh.axis_names}.')
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules) -> P:
+  """Maps logical axis names to a PartitionSpec; unknown names are an error (not replication)."""
+  known = {n for n, _ in rules}
+  for n in names:
+    if n is not None and n not in known:
+      raise ValueError(f'logical axis {n!r} has no sharding rule (rules cover {sorted(known)}).')
+  return nn.logical_to_mesh_axes(tuple(names), rules)
+
+
+def param_logical_names(state: nnx.State) -> dict[tuple, tuple]:
+  """Flat {path: logical names} of every variable in `state` (None when a variable has none)."""
+  out = {}
+  for path, var in nnx.to_flat_state(state):
+    names = var.get_metadata().get('out_sharding') if isinstance(var, nnx.Variable) else None
+    out[path] = tuple(names) if names is not None else None
+  return out
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules,
+                    require_names: bool = True) -> nnx.State:
+  """A tree like `state` whose leaves are the NamedShardings its logical names and the rules give.
+
+  `require_names`: raise on any Param without logical names (the project rule: every weight
+  carries them). Non-Param variables without names (counters, caches) are replicated.
+  """
+  flat = []
+  for path, var in nnx.to_flat_state(state):
+    names = var.get_metadata().get('out_sharding')
+    shape = np.shape(var.get_value())
+    if names is None:
+      if require_names and isinstance(var, nnx.Param):
+        raise ValueError(f'param {"/".join(map(str, path))} {shape} has no logical axis names.')
+      spec = P()
+    else:
+      if len(names) != len(shape):
+        raise ValueError(f'param {"/".join(map(str, path))}: names {names} do not match shape '
+                         f'{shape}.')
+      spec = logical_to_spec(names, rules)
+    flat.append((path, var.replace(NamedSharding(mesh, spec))))
+  return nnx.from_flat_state(flat)
+
+
+def sharded_init(factory: Callable[[], nnx.Module], mesh: Mesh, rules: Rules,
+                 *filters) -> tuple[nnx.GraphDef, tuple[dict, ...], tuple[dict, ...]]:
+  """Builds `factory()` with every array created directly in its final sharding.
+
+  Returns (graphdef, trees, shardings): `trees` are the pure-dict states that
+  `nnx.split(model, *filters)` gives (default: one tree with everything; `nnx.merge(graphdef,
+  *trees)` rebuilds the module), `shardings` the matching NamedSharding trees.
+  """
+  filters = filters or (...,)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    abstract = nnx.eval_shape(factory)
+    graphdef, *abstract_states = nnx.split(abstract, *filters)
+    shardings = tuple(
+        nnx.to_pure_dict(state_shardings(s, mesh, rules)) for s in abstract_states)
+
+    def init():
+      return tuple(nnx.to_pure_dict(s) for s in nnx.split(factory(), *filters)[1:])
+
+    trees = jax.jit(init, out_shardings=shardings)()
+  return graphdef, trees, shardings
+
+
+def abstract_state(factory: Callable[[], nnx.Module], mesh: Mesh, rules: Rules,
+                   *filters) -> tuple[nnx.GraphDef, tuple[nnx.State, ...]]:
+  """Shape-only build of `factory()` (no memory): graphdef and abstract states with metadata."""
+  filters = filters or (...,)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    abstract = nnx.eval_shape(factory)
+    graphdef, *states = nnx.split(abstract, *filters)
+  return graphdef, tuple(states)
+
+
+def data_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
+  """Batch-major sharding for an `ndim` array: the leading axis follows the `act_batch` rule."""
+  return NamedSharding(mesh, logical_to_spec(('act_batch',) + (None,) * (ndim - 1), rules))
+
+
+def host_to_global(batch: Any, mesh: Mesh, rules: Rules) -> Any:
+  """Turns this process's numpy batch (a pytree) into global jax Arrays sharded on the batch axis.
+
+  Each process passes its own slice (global_batch / process_count rows); strings stay on the host
+  and must be removed by the caller first.
+  """
+  def put(x):
+    x = np.asarray(x)
+    if x.dtype.kind in 'OUS':
+      raise TypeError('host_to_global got a string array; keep prompts on the host.')
+    return jax.make_array_from_process_local_data(data_sharding(mesh, rules, x.ndim), x)
+
+  return jax.tree.map(put, batch)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """`with_sharding_constraint` by logical names under the active rules (no-op without a mesh)."""
+  return nn.with_logical_constraint(x, tuple(names))

@@ -1,0 +1,13 @@
+"""Trainers on one shared loop; `get_trainer(name)` imports the one a config names."""
+
+import importlib
+
+TRAINERS = {
+    'flow': 'rewarddance_jax.train.flow',
+}
+
+
+def get_trainer(name):
+  if name not in TRAINERS:
+    raise ValueError(f'config.trainer={name!r} is not one of {sorted(TRAINERS)}.')
+  return importlib.import_module(TRAINERS[name]).train

@@ -1,0 +1,60 @@
+"""Set-up every trainer shares: mesh and rules, the generator built sharded, the tokenizer.
+
+  1. `setup_mesh(config)`: the mesh from `config.mesh` and the logical rules from
+     `config.sharding_rules`, checked against each other.
+  2. `mesh_context(mesh, rules)`: the context (mesh + logical rules) under which steps trace.
+  3. `build_generator(config, mesh, rules)`: graphdef + fp32 params created shard by shard.
+  4. `digits_tokenizer(workdir)`: the word-level tokenizer, saved beside the run so samplers and
+     later stages read the same vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import jax
+from flax import nnx
+
+from rewarddance_jax.data import tokenizer as tokenizer_lib
+from rewarddance_jax.models.generator import Generator, generator_config
+from rewarddance_jax.parallel import mesh as mesh_lib
+from rewarddance_jax.parallel import sharding as sharding_lib
+
+
+def setup_mesh(config):
+  mesh = mesh_lib.create_mesh(config.mesh)
+  rules = sharding_lib.rules_from_config(config.sharding_rules)
+  sharding_lib.check_rules(rules, mesh)
+  return mesh, rules
+
+
+@contextlib.contextmanager
+def mesh_context(mesh, rules):
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    yield
+
+
+def build_generator(config, mesh, rules, seed: int | None = None):
+  """Returns (graphdef, params, param_shardings, GeneratorConfig)."""
+  gen_cfg = generator_config(config.model)
+  seed = config.seed if seed is None else seed
+  graphdef, (params,), (shardings,) = sharding_lib.sharded_init(
+      lambda: Generator(gen_cfg, rngs=nnx.Rngs(seed)), mesh, rules)
+  return graphdef, params, shardings, gen_cfg
+
+
+def digits_tokenizer(workdir: str | None, vocab_limit: int | None = None):
+  """Loads `workdir/tokenizer.json` or builds and saves it; checks it fits the model vocab."""
+  path = os.path.join(workdir, 'tokenizer.json') if workdir else None
+  if path and os.path.exists(path):
+    tok = tokenizer_lib.load_tokenizer(path)
+  else:
+    tok = tokenizer_lib.build_digits_tokenizer()
+    if path:
+      os.makedirs(workdir, exist_ok=True)
+      tokenizer_lib.save_tokenizer(tok, path)
+  size = tokenizer_lib.vocab_size(tok)
+  if vocab_limit is not None and size > vocab_limit:
+    raise ValueError(f'tokenizer has {size} tokens but config.model.vocab_size={vocab_limit}.')
+  return tok

@@ -1,0 +1,93 @@
+"""Sampling glue between a generator param tree and flow/: velocity closures and digit grids.
+
+  1. `velocity_fn(graphdef, params, cond, guidance)` closes a Generator over its params and
+     conditioning, giving the `(x, σ) -> v` function that flow/ samplers call.
+  2. `sample_digits(...)` draws `per_class` images for each of the ten digit prompts with the
+     configured schedule and step kind, from a fixed key (so sample grids are comparable across
+     steps and runs), and returns images in [0, 1] with labels and prompts.
+  3. `write_samples(dir, name, ...)` writes `<name>.npz` (the samples format of data/samples.py)
+     and `<name>.png` (a grid, one row per digit).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rewarddance_jax import metrics as metrics_lib
+from rewarddance_jax.data import digits
+from rewarddance_jax.data import samples as samples_lib
+from rewarddance_jax.data import tokenizer as tokenizer_lib
+from rewarddance_jax.flow import rollout as rollout_lib
+from rewarddance_jax.flow import schedules
+
+
+def velocity_fn(graphdef, params, cond: dict, guidance=None):
+  model = nnx.merge(graphdef, params)
+
+  def v(x, sigma):
+    return model(x, sigma, cond, guidance)
+
+  return v
+
+
+def to_unit(x: jax.Array) -> jax.Array:
+  """Model space [-1, 1] → image space [0, 1]."""
+  return jnp.clip((x + 1.0) * 0.5, 0.0, 1.0)
+
+
+def sampler_sigmas(sampler_cfg, image_seq_len: int | None = None) -> np.ndarray:
+  return schedules.get_sigmas(sampler_cfg.schedule, int(sampler_cfg.num_steps),
+                              shift=float(sampler_cfg.get('shift', 1.0)),
+                              image_seq_len=image_seq_len)
+
+
+def digit_prompts(per_class: int) -> tuple[list[str], np.ndarray]:
+  labels = np.repeat(np.arange(10), per_class)
+  return [digits.prompt_for_label(int(l)) for l in labels], labels
+
+
+def make_sampler(graphdef, sampler_cfg, image_shape: tuple[int, ...]):
+  """A jitted `(params, tokens, mask, key) -> images in [0, 1]` for the configured sampler."""
+  sigmas = jnp.asarray(sampler_sigmas(sampler_cfg))
+  kind = sampler_cfg.get('kind', 'ode')
+  noise_level = float(sampler_cfg.get('noise_level', 0.0))
+
+  @jax.jit
+  def sample(params, tokens, mask, key):
+    cond = {'tokens': tokens, 'mask': mask}
+    x_init = rollout_lib.initial_noise(jax.random.fold_in(key, 0),
+                                       (tokens.shape[0],) + tuple(image_shape))
+    traj = rollout_lib.rollout(velocity_fn(graphdef, params, cond), x_init, sigmas,
+                               jax.random.fold_in(key, 1), kind=kind, noise_level=noise_level,
+                               keep_steps=())
+    return to_unit(traj.x0_hat)
+
+  return sample
+
+
+def sample_digits(sample_fn, params, tok, *, per_class: int, max_len: int, key: jax.Array,
+                  batch_sharding=None):
+  """Runs `sample_fn` on the ten digit prompts × per_class; returns (images, labels, prompts)."""
+  prompts, labels = digit_prompts(per_class)
+  tokens, mask = tokenizer_lib.encode_prompts(tok, prompts, max_len)
+  if batch_sharding is not None:
+    tokens = jax.device_put(tokens, batch_sharding(tokens.ndim))
+    mask = jax.device_put(mask, batch_sharding(mask.ndim))
+  images = np.asarray(jax.device_get(sample_fn(params, tokens, mask, key)), np.float32)
+  return images, labels, prompts
+
+
+def write_samples(directory: str, name: str, images: np.ndarray, labels: np.ndarray,
+                  prompts: list[str], ncols: int | None = None) -> str:
+  """Writes `<name>.npz` and `<name>.png` under `directory`; returns the npz path."""
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, f'{name}.npz')
+  samples_lib.save_samples(path, images, labels, prompts)
+  grid = metrics_lib.image_grid(images, ncols=ncols or max(1, len(images) // 10))
+  metrics_lib.save_png(os.path.join(directory, f'{name}.png'), grid)
+  return path

@@ -1,0 +1,52 @@
+"""The optimizer from `config.optax`, and optimizer-state shardings that follow the params.
+
+Default (ALGORITHMS.md §9 #29): clip_by_global_norm(1.0) → AdamW(b1 0.9, b2 0.999, eps 1e-8,
+weight decay 1e-4), learning rate constant / linear warm-up + cosine decay. Moments are fp32
+because params are fp32 masters.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rewarddance_jax.config_lib import check_keys
+
+OPTAX_KEYS = ('lr', 'schedule', 'warmup_steps', 'decay_steps', 'end_lr_fraction', 'b1', 'b2',
+              'eps', 'weight_decay', 'grad_clip')
+
+
+def learning_rate(cfg) -> optax.Schedule:
+  kind = cfg.get('schedule', 'constant')
+  warmup = int(cfg.get('warmup_steps', 0))
+  lr = float(cfg.lr)
+  if kind == 'constant':
+    if warmup:
+      return optax.linear_schedule(0.0, lr, warmup)
+    return optax.constant_schedule(lr)
+  if kind == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, max(int(cfg.decay_steps), warmup + 1),
+        end_value=lr * float(cfg.get('end_lr_fraction', 0.0)))
+  raise ValueError(f'config.optax.schedule={kind!r} is not one of (constant, cosine).')
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+  check_keys(cfg, OPTAX_KEYS, 'config.optax')
+  parts = []
+  if cfg.get('grad_clip', 0.0):
+    parts.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
+  parts.append(optax.adamw(learning_rate(cfg), b1=float(cfg.get('b1', 0.9)),
+                           b2=float(cfg.get('b2', 0.999)), eps=float(cfg.get('eps', 1e-8)),
+                           weight_decay=float(cfg.get('weight_decay', 1e-4))))
+  return optax.chain(*parts)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, param_shardings, mesh):
+  """Shardings for `tx.init(params)`: param-shaped leaves follow their param, the rest replicate."""
+  abstract_state = jax.eval_shape(tx.init, abstract_params)
+  replicated = NamedSharding(mesh, P())
+  return optax.tree_map_params(
+      tx, lambda _, s: s, abstract_state, param_shardings,
+      transform_non_params=lambda _: replicated)
