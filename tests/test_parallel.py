@@ -95,7 +95,7 @@ def test_host_to_global_shards_the_batch():
   mesh = mesh_lib.create_mesh(_mesh_cfg((2, 4, 1)))
   batch = {'x': np.arange(16 * 3, dtype=np.float32).reshape(16, 3)}
   out = sharding_lib.host_to_global(batch, mesh, sharding_lib.DEFAULT_RULES)
-  assert out['x'].sharding.spec == P(('data', 'fsdp'), None)
+  assert out['x'].sharding.spec == P(('fsdp', 'data'), None)
   np.testing.assert_array_equal(np.asarray(out['x']), batch['x'])
   with pytest.raises(TypeError, match='string'):
     sharding_lib.host_to_global({'p': np.array(['a'] * 8)}, mesh, sharding_lib.DEFAULT_RULES)

@@ -36,7 +36,7 @@ def get_config(arg=None):
   c.sampler = dict(kind='ode', schedule='linear', num_steps=20, shift=1.0, noise_level=0.0)
   c.samples = dict(every=1000, per_class=10)
 
-  c.mesh = dict(axes=('data', 'fsdp', 'tensor'), ici=(1, -1, 1), dcn=(1, 1, 1))
+  c.mesh = dict(axes=('data', 'fsdp', 'tensor'), ici=(1, -1, 1), dcn=(1, 1, 1), num_devices=0)
   c.sharding_rules = DEFAULT_RULES
   c.ckpt = dict(every=500, keep=2, async_save=True)
 

@@ -59,11 +59,9 @@ class MMDiTConfig:
   scan_layers: bool = False
   remat: str = 'none'
   attention: str = 'auto'
-  # Pin block outputs to the `act_batch` layout with sharding constraints. Off by default: on the
-  # CPU backend (jax 0.10.2) the constraints made gradients of the text stream differ by up to
-  # 20% between a (2, 2, 2) mesh and one device, while every 1- and 2-axis mesh matched; without
-  # them GSPMD propagation from the batch and weight shardings gives matching results everywhere.
-  constrain_activations: bool = False
+  # Pin block inputs/outputs to the (act_batch, act_len, act_embed) layout with sharding
+  # constraints, so GSPMD never picks a surprising activation layout between blocks.
+  constrain_activations: bool = True
 
   @property
   def hidden(self) -> int:

@@ -5,6 +5,7 @@ A mesh is config data, never code (DESIGN.md §4.2):
   config.mesh.axes = ('data', 'fsdp', 'tensor')   # increasing communication intensity
   config.mesh.ici  = (1, -1, 1)                   # inside a slice; exactly one -1 is filled
   config.mesh.dcn  = (1, 1, 1)                    # across slices (multi-slice TPU); product = slices
+  config.mesh.num_devices = 0                     # 0: all devices; N: the first N (tests, debugging)
 
 Steps of `create_mesh`:
   1. Count the slices (1 + the largest `slice_index` on the devices; 1 on CPU/GPU).
@@ -60,6 +61,11 @@ def resolve_axis_sizes(sizes: Sequence[int], total: int, what: str = 'mesh.ici')
 def create_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the mesh described by `mesh_cfg` (fields axes, ici, dcn) over `devices`."""
   devices = list(jax.devices() if devices is None else devices)
+  limit = int(mesh_cfg.get('num_devices', 0) or 0)
+  if limit:
+    if limit > len(devices):
+      raise ValueError(f'mesh.num_devices={limit} but only {len(devices)} devices are available.')
+    devices = devices[:limit]
   axes = tuple(mesh_cfg.get('axes', DEFAULT_AXES))
   ici = tuple(mesh_cfg.get('ici', (1, -1, 1)))
   dcn = tuple(mesh_cfg.get('dcn', (1,) * len(axes)))

@@ -3,7 +3,7 @@
 Every weight carries logical axis names (`nnx.with_partitioning(init, ('embed', 'mlp'))`, stored as
 the Param's `out_sharding` metadata); the mapping to mesh axes is a list of rules in the config:
 
-  config.sharding_rules = (('act_batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'), ...)
+  config.sharding_rules = (('act_batch', ('fsdp', 'data')), ('embed', 'fsdp'), ('mlp', 'tensor'), ...)
 
 Sharded initialisation (JAX_CONVENTIONS §5.2), as `sharded_init` does it:
   1. Build the module abstractly with `nnx.eval_shape` under `jax.set_mesh(mesh)` and the rules.
@@ -28,8 +28,13 @@ Rules = tuple[tuple[str, Any], ...]
 
 # Default rules (JAX_CONVENTIONS §5.1). Weights: embed, mlp, heads, kv, vocab, conv_in, conv_out,
 # layers, lora_rank, norm; activations: act_batch, act_len, act_embed, act_heads.
+# `act_batch` lists fsdp before data. Both orders put the same rows on a device group; with
+# ('data', 'fsdp') the CPU backend (jax 0.10.2) computed a wrong double-block text stream on a
+# (2, 2, 2) mesh (rows of devices (data 0, fsdp 1) and (data 1, fsdp 0) swapped inside the text
+# output projection), while ('fsdp', 'data') matches one device to float rounding on every mesh
+# (tests/test_train_flow.py). Data-parallel reductions are the same either way.
 DEFAULT_RULES: Rules = (
-    ('act_batch', ('data', 'fsdp')),
+    ('act_batch', ('fsdp', 'data')),
     ('act_len', None),
     ('act_embed', None),
     ('act_heads', 'tensor'),

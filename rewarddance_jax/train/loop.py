@@ -18,6 +18,7 @@ pytrees (`params`, `opt_state`, optional `ema`, ...), the state's shardings, a d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -108,7 +109,6 @@ def run(*, workdir: str, loop: LoopConfig, state: dict, state_shardings: dict, s
 
   `context()` returns a context manager (mesh + logical rules) entered around tracing.
   """
-  import contextlib
   context = context or contextlib.nullcontext
   ckpt = ckpt_lib.Checkpointer(f'{workdir}/checkpoints', max_to_keep=loop.keep,
                                async_save=loop.async_save)
