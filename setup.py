@@ -37,6 +37,8 @@ setup(
             "diffusers>=0.42",
             "transformers>=5.0",
             "scikit-learn>=1.5",
+            # Only for the TFDS ArrayRecord prompt-source test; installs without TensorFlow.
+            "tensorflow-datasets>=4.9.10",
         ],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
