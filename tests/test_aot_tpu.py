@@ -12,15 +12,13 @@ Skipped (with libtpu's error text) only when libtpu cannot be loaded or initiali
 import jax
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs.digits import flow as flow_config
-from rewarddance_jax.models.generator import Generator, generator_config
 from rewarddance_jax.nn import attention as attention_lib
 from rewarddance_jax.parallel import aot
-from rewarddance_jax.parallel import sharding as sharding_lib
-from rewarddance_jax.train import common, flow as flow_trainer, optim
+from rewarddance_jax.parallel import scan as scan_lib
+from rewarddance_jax.train import common
 
 pytestmark = [
     pytest.mark.tpu_aot,
@@ -39,11 +37,6 @@ def _require_libtpu():
     pytest.skip(f'libtpu cannot be loaded/initialised: {aot.libtpu_unavailable_reason()}')
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
 def _nbytes(tree):
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
@@ -60,40 +53,10 @@ def test_topology_mesh_fills_and_checks_shape():
 def test_flow_train_step_compiles_for_v5e():
   config = flow_config.get_config('runlocal')
   mesh = aot.tpu_topology_mesh(TOPOLOGY, (1, -1, 1))
-  rules = sharding_lib.rules_from_config(config.sharding_rules)
-  sharding_lib.check_rules(rules, mesh)
-  gen_cfg = generator_config(config.model)
-  # Shape-only build: `build_generator` would run the initialisers on the (compile-only) TPU
-  # devices, which cannot execute anything.
-  graphdef, (state,) = sharding_lib.abstract_state(
-      lambda: Generator(gen_cfg, rngs=nnx.Rngs(0)), mesh, rules)
-  pshard = nnx.to_pure_dict(sharding_lib.state_shardings(state, mesh, rules))
-  params = _abstract(nnx.to_pure_dict(state), pshard)
-
-  tx = optim.make_optimizer(config.optax)
-  oshard = optim.opt_state_shardings(tx, params, pshard, mesh)
-  opt_state = _abstract(jax.eval_shape(tx.init, params), oshard)
-  train_state = {'params': params, 'opt_state': opt_state}
-  shardings = {'params': pshard, 'opt_state': oshard}
-
-  b, text_len = int(config.data.batch_size), int(config.data.max_text_len)
-
-  def batch_leaf(shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype,
-                                sharding=sharding_lib.data_sharding(mesh, rules, len(shape)))
-
-  batch = {'images': batch_leaf((b,) + flow_trainer.IMAGE_SHAPE, jnp.float32),
-           'tokens': batch_leaf((b, text_len), jnp.int32),
-           'mask': batch_leaf((b, text_len), jnp.bool_)}
-  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                             sharding=NamedSharding(mesh, P()))
-
-  step = flow_trainer.make_train_step(graphdef, tx, config.flow, 0.0)
-  with common.mesh_context(mesh, rules):
-    # Same jit as `train/loop.py`: state shardings in and out, state donated.
-    jitted = jax.jit(step, in_shardings=(shardings, None, None),
-                     out_shardings=(shardings, None), donate_argnums=(0,))
-    report = aot.compile_report(jitted, train_state, batch, key)
+  # Shape-only build (params, AdamW state, batch, key), jitted as `train/loop.py` jits it.
+  step = scan_lib.abstract_flow_train_step(config, mesh)
+  train_state, batch, _ = step.args
+  report = step.compile_report()
 
   print(f'{TOPOLOGY} flow step (tiny): {aot.format_report(report)}')
   state_bytes = _nbytes(train_state)

@@ -1,0 +1,81 @@
+"""Scan sharding layouts for a TPU topology on this (CPU) host, through libtpu's compiler.
+
+  python -m launch.scan_sharding --config=configs/digits/flow.py:runlocal --topology=v5e:2x2 \
+      [--layouts=default|"1,-1,1:full:scan;2,2,1:none:noscan"] [--out=FILE.md]
+
+  1. The topology's chip must be known (`parallel/scan.CHIPS`), the layouts must parse and
+     libtpu must load; otherwise one `error: ...` line and a non-zero exit.
+  2. Each layout (MESH:REMAT:scan|noscan[:STEP], MESH over `config.mesh.axes`, one size may be -1)
+     is compiled by `scan.scan_layouts`; 'default' is `scan.default_layouts` for the topology's
+     device count.
+  3. The markdown table (sorted by roofline estimate) is printed and, with --out, written.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from rewarddance_jax import logs
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config).',
+                                          lock_config=True)
+_TOPOLOGY = flags.DEFINE_string('topology', None, "libtpu topology, e.g. 'v5e:2x2', 'v5p:4x4x4'.")
+_LAYOUTS = flags.DEFINE_string('layouts', 'default',
+                               "'default' or 'MESH:REMAT:scan|noscan[:STEP];...', e.g. "
+                               "'1,-1,1:full:scan;2,2,1:none:noscan'.")
+_OUT = flags.DEFINE_string('out', None, 'Markdown file to write the table to.')
+flags.mark_flags_as_required(['config', 'topology'])
+
+
+def parse_flags(argv):
+  """absl flag parsing with a one-line error instead of the usage text."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError) as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    sys.exit(f'error: {lines[0] if lines else type(e).__name__}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logs.quiet_libraries()
+  # pylint: disable=import-outside-toplevel  # after flag parsing: jax start-up is slow
+  from rewarddance_jax.parallel import aot, scan
+
+  topology = _TOPOLOGY.value
+  try:
+    scan.chip_specs(topology)
+    layouts = None if _LAYOUTS.value.strip() == 'default' else scan.parse_layouts(_LAYOUTS.value)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  if not aot.libtpu_available():
+    sys.exit(f'error: libtpu cannot compile for TPU here: {aot.libtpu_unavailable_reason()}')
+  try:
+    num_devices = len(aot.tpu_devices(topology))
+  except Exception as e:  # pylint: disable=broad-except  # libtpu's text for a bad topology
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    sys.exit(f'error: --topology={topology}: {lines[0] if lines else type(e).__name__}')
+  if layouts is None:
+    layouts = scan.default_layouts(num_devices)
+
+  try:
+    config = _CONFIG.value
+    config.get('trainer', None)
+  except OSError as e:  # config_flags defers a failed load until first use
+    detail = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
+    sys.exit(f'error: --config={flags.FLAGS["config"].serialize().split("=", 1)[-1]}: {detail}')
+
+  rows = scan.scan_layouts(config, topology, layouts)
+  table = scan.format_table(rows)
+  print(f'{topology} ({num_devices} chips), {len(rows)} layouts:\n{table}')
+  if _OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, 'w') as f:
+      f.write(f'# Sharding scan: {topology}\n\n{table}\n')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)
