@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -86,18 +87,19 @@ def train(config, workdir: str) -> dict:
   sample_fn = generate.make_sampler(graphdef, config.sampler, IMAGE_SHAPE)
   sample_key = jax.random.key(int(config.seed) + 1)
   samples_dir = os.path.join(workdir, 'samples')
-  judge_box = {}
+
+  @functools.cache
+  def judge():
+    from rewarddance_jax import judge as judge_lib  # sklearn import only when sampling
+    return judge_lib.DigitJudge.load_or_train()
 
   def sample_hook(st, step):
-    from rewarddance_jax import judge as judge_lib  # sklearn import only when sampling
     params_for_samples = st.get('ema', st['params'])
     images, labels, prompts = generate.sample_digits(
         sample_fn, params_for_samples, tok, per_class=int(config.samples.per_class),
         max_len=max_len, key=sample_key)
     generate.write_samples(samples_dir, f'samples_{step}', images, labels, prompts)
-    if 'judge' not in judge_box:
-      judge_box['judge'] = judge_lib.DigitJudge.load_or_train()
-    acc = judge_box['judge'].accuracy(images, labels)
+    acc = judge().accuracy(images, labels)
     logging.info('step %d: judge prompt-alignment accuracy %.3f', step, acc)
     return {'judge_accuracy': acc}
 
