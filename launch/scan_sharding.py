@@ -18,6 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rewarddance_jax import logs
+from rewarddance_jax.config_lib import parse_config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config).',
                                           lock_config=True)
@@ -27,15 +28,6 @@ _LAYOUTS = flags.DEFINE_string('layouts', 'default',
                                "'1,-1,1:full:scan;2,2,1:none:noscan'.")
 _OUT = flags.DEFINE_string('out', None, 'Markdown file to write the table to.')
 flags.mark_flags_as_required(['config', 'topology'])
-
-
-def parse_flags(argv):
-  """absl flag parsing with a one-line error instead of the usage text."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError) as e:
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    sys.exit(f'error: {lines[0] if lines else type(e).__name__}')
 
 
 def main(argv):
@@ -78,4 +70,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=parse_config_flags)

@@ -5,13 +5,13 @@ field is rejected with its name. Re-running with the same workdir resumes from i
 The trainer is the one `config.trainer` names in rewarddance_jax/train.
 """
 
-import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rewarddance_jax import logs
+from rewarddance_jax.config_lib import parse_config_flags
 from rewarddance_jax.parallel import mesh as mesh_lib
 from rewarddance_jax.train import get_trainer
 
@@ -19,23 +19,6 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_conf
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, samples).')
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def parse_flags(argv):
-  """absl flag parsing with one-line errors for bad config files and unknown override keys."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
-    text = str(e)
-    key = re.search(r"(\w+)", text)
-    key = key.group(1) if key else text
-    hint = re.search(r'Did you mean \\?"(\w+)', text)
-    culprit = next((a for a in argv if a.startswith('--config.') and key in a), key)
-    sys.exit(f'error: {culprit}: unknown config key {key!r}'
-             + (f' (did you mean {hint.group(1)!r}?)' if hint else '.'))
-  except flags.Error as e:
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    sys.exit(f'error: {lines[0]} {lines[-1] if len(lines) > 1 else ""}'.strip())
 
 
 def main(argv):
@@ -55,4 +38,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=parse_config_flags)

@@ -10,7 +10,11 @@ fields with defaults (big_vision's convention):
 
 from __future__ import annotations
 
+import re
+import sys
+
 import ml_collections
+from absl import flags
 
 
 def _convert(name: str, value: str, default):
@@ -48,3 +52,24 @@ def check_keys(section, allowed, where: str) -> None:
   unknown = sorted(set(section.keys()) - set(allowed))
   if unknown:
     raise ValueError(f'{where} has unknown key(s) {unknown}; allowed: {sorted(allowed)}.')
+
+
+def parse_config_flags(argv):
+  """absl `flags_parser` for launchers with a config flag: one-line errors, no usage dump.
+
+  An unknown `--config.a.b=v` key names the argument and ml_collections' suggestion; any other
+  flag error keeps its first and last line (the file and the cause).
+  """
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    text = str(e)
+    key = re.search(r"(\w+)", text)
+    key = key.group(1) if key else text
+    hint = re.search(r'Did you mean \\?"(\w+)', text)
+    culprit = next((a for a in argv if a.startswith('--config.') and key in a), key)
+    sys.exit(f'error: {culprit}: unknown config key {key!r}'
+             + (f' (did you mean {hint.group(1)!r}?)' if hint else '.'))
+  except flags.Error as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    sys.exit(f'error: {lines[0]} {lines[-1] if len(lines) > 1 else ""}'.strip())

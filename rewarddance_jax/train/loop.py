@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -188,7 +187,3 @@ def run(*, workdir: str, loop: LoopConfig, state: dict, state_shardings: dict, s
     writer.close()
   return state, step
 
-
-def write_json(path: str, obj: Any) -> None:
-  with open(path, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
