@@ -10,9 +10,9 @@ Then:
 
 import ml_collections
 
+from configs.digits.common import add_runtime
 from rewarddance_jax.config_lib import parse_arg
 from rewarddance_jax.models.presets import model_preset
-from rewarddance_jax.parallel.sharding import DEFAULT_RULES
 
 
 def get_config(arg=None):
@@ -33,18 +33,10 @@ def get_config(arg=None):
                  end_lr_fraction=0.05, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
                  grad_clip=1.0)
   # Sampling for the periodic sample grids (and launch.sample): 20 Euler steps.
-  c.sampler = dict(kind='ode', schedule='linear', num_steps=20, shift=1.0, noise_level=0.0)
-  c.samples = dict(every=1000, per_class=10)
-
-  c.mesh = dict(axes=('data', 'fsdp', 'tensor'), ici=(1, -1, 1), dcn=(1, 1, 1), num_devices=0)
-  c.sharding_rules = DEFAULT_RULES
-  c.ckpt = dict(every=500, keep=2, async_save=True)
-
+  add_runtime(c, samples_every=10 if arg.runlocal else 1000,
+              ckpt_every=10 if arg.runlocal else 500, runlocal=arg.runlocal)
   if arg.runlocal:
     c.log_every = 5
     c.model = model_preset('tiny')
     c.data.batch_size = 16
-    c.sampler.num_steps = 4
-    c.samples = dict(every=10, per_class=2)
-    c.ckpt.every = 10
   return c

@@ -4,6 +4,7 @@ import importlib
 
 TRAINERS = {
     'flow': 'rewarddance_jax.train.flow',
+    'grpo': 'rewarddance_jax.train.grpo',
 }
 
 

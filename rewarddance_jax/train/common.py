@@ -58,3 +58,21 @@ def digits_tokenizer(workdir: str | None, vocab_limit: int | None = None):
   if vocab_limit is not None and size > vocab_limit:
     raise ValueError(f'tokenizer has {size} tokens but config.model.vocab_size={vocab_limit}.')
   return tok
+
+
+def restore_generator(directory: str, params, shardings, *, use_ema: bool = False):
+  """The newest generator params saved by a trainer under `directory/checkpoints`, restored
+  straight into `shardings` (any mesh). `use_ema` takes the EMA params when the run kept them."""
+  from rewarddance_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  path = os.path.join(directory, 'checkpoints')
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'no generator checkpoints at {path} (config.init.generator).')
+  with ckpt_lib.Checkpointer(path, max_to_keep=None, async_save=False) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'no finished checkpoint step in {path} (config.init.generator).')
+    item = 'params'
+    if use_ema and os.path.isdir(os.path.join(str(ckpt.step_directory(step)), 'ema')):
+      item = 'ema'
+    restored = ckpt.restore(step, arrays={item: ckpt_lib.abstract_like(params, shardings)})
+  return restored[item]

@@ -12,9 +12,6 @@
 
 from __future__ import annotations
 
-import functools
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,28 +81,10 @@ def train(config, workdir: str) -> dict:
     return sharding_lib.host_to_global(
         {k: batch[k] for k in ('images', 'tokens', 'mask')}, mesh, rules)
 
-  sample_fn = generate.make_sampler(graphdef, config.sampler, IMAGE_SHAPE)
-  sample_key = jax.random.key(int(config.seed) + 1)
-  samples_dir = os.path.join(workdir, 'samples')
-
-  @functools.cache
-  def judge():
-    from rewarddance_jax import judge as judge_lib  # sklearn import only when sampling
-    return judge_lib.DigitJudge.load_or_train()
-
-  def sample_hook(st, step):
-    params_for_samples = st.get('ema', st['params'])
-    images, labels, prompts = generate.sample_digits(
-        sample_fn, params_for_samples, tok, per_class=int(config.samples.per_class),
-        max_len=max_len, key=sample_key)
-    generate.write_samples(samples_dir, f'samples_{step}', images, labels, prompts)
-    acc = judge().accuracy(images, labels)
-    logging.info('step %d: judge prompt-alignment accuracy %.3f', step, acc)
-    return {'judge_accuracy': acc}
-
   hooks = []
   if int(config.samples.get('every', 0)) > 0:
-    hooks.append((int(config.samples.every), sample_hook))
+    hooks.append((int(config.samples.every),
+                  generate.make_judge_hook(config, graphdef, tok, workdir, IMAGE_SHAPE)))
   step_fn = make_train_step(graphdef, tx, config.flow, ema_decay)
   loop_cfg = loop_lib.LoopConfig.from_config(config, desc='flow')
   state, last = loop_lib.run(

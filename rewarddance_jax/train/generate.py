@@ -7,15 +7,18 @@
      steps and runs), and returns images in [0, 1] with labels and prompts.
   3. `write_samples(dir, name, ...)` writes `<name>.npz` (the samples format of data/samples.py)
      and `<name>.png` (a grid, one row per digit).
+  4. `make_judge_hook(...)`: the loop hook every digits trainer uses (samples + judge accuracy).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from rewarddance_jax import metrics as metrics_lib
@@ -91,3 +94,33 @@ def write_samples(directory: str, name: str, images: np.ndarray, labels: np.ndar
   grid = metrics_lib.image_grid(images, ncols=ncols or max(1, len(images) // 10))
   metrics_lib.save_png(os.path.join(directory, f'{name}.png'), grid)
   return path
+
+
+def make_judge_hook(config, graphdef, tok, workdir: str, image_shape: tuple[int, ...],
+                    params_item: str = 'params', extra=None):
+  """A loop hook `(state, step) -> metrics`: ODE samples of the ten digit prompts from a fixed key
+  (`state['ema']` if present, else `state[params_item]`) → `samples/samples_<step>.npz/.png`, and
+  the independent judge's prompt-alignment accuracy. `extra(images, labels) -> dict` adds metrics.
+  """
+  sample_fn = make_sampler(graphdef, config.sampler, image_shape)
+  sample_key = jax.random.key(int(config.seed) + 1)
+  max_len = int(config.data.max_text_len)
+
+  @functools.cache
+  def judge():
+    from rewarddance_jax import judge as judge_lib  # pylint: disable=import-outside-toplevel
+    return judge_lib.DigitJudge.load_or_train()
+
+  def hook(state, step):
+    params = state.get('ema', state[params_item])
+    images, labels, prompts = sample_digits(sample_fn, params, tok,
+                                            per_class=int(config.samples.per_class),
+                                            max_len=max_len, key=sample_key)
+    write_samples(os.path.join(workdir, 'samples'), f'samples_{step}', images, labels, prompts)
+    out = {'judge_accuracy': judge().accuracy(images, labels)}
+    if extra is not None:
+      out.update(extra(images, labels))
+    logging.info('step %d: judge prompt-alignment accuracy %.3f', step, out['judge_accuracy'])
+    return out
+
+  return hook

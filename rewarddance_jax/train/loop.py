@@ -103,10 +103,13 @@ def _to_python(metrics: dict) -> dict:
 def run(*, workdir: str, loop: LoopConfig, state: dict, state_shardings: dict, step_fn: StepFn,
         data_iter, to_device: Callable[[Any], Any], key: jax.Array, mesh,
         hooks: Sequence[Hook] = (), config_json: dict | None = None,
-        context: Callable[[], Any] | None = None) -> tuple[dict, int]:
+        context: Callable[[], Any] | None = None, consts: Any = None) -> tuple[dict, int]:
   """Runs (or resumes) training to `loop.total_steps`; returns (final state, last step done).
 
   `context()` returns a context manager (mesh + logical rules) entered around tracing.
+  `consts`: frozen trees (reward models, a reference policy) passed to every step as a fourth
+  argument, `step_fn(state, batch, key, consts)`, in the shardings they already have; they are
+  neither donated nor checkpointed.
   """
   context = context or contextlib.nullcontext
   ckpt = ckpt_lib.Checkpointer(f'{workdir}/checkpoints', max_to_keep=loop.keep,
@@ -129,8 +132,13 @@ def run(*, workdir: str, loop: LoopConfig, state: dict, state_shardings: dict, s
     logging.info('Resumed from %s at step %d.', ckpt.step_directory(latest), start)
 
   with context():
-    jitted = jax.jit(step_fn, in_shardings=(state_shardings, None, None),
-                     out_shardings=(state_shardings, None), donate_argnums=(0,))
+    if consts is None:
+      jitted = jax.jit(step_fn, in_shardings=(state_shardings, None, None),
+                       out_shardings=(state_shardings, None), donate_argnums=(0,))
+    else:
+      with_consts = jax.jit(step_fn, in_shardings=(state_shardings, None, None, None),
+                            out_shardings=(state_shardings, None), donate_argnums=(0,))
+      jitted = lambda s, b, k: with_consts(s, b, k, consts)  # pylint: disable=unnecessary-lambda-assignment
 
   def save(step: int):
     meta = {'step': np.int64(step), 'rng': np.asarray(jax.random.key_data(key))}

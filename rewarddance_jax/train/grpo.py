@@ -1,0 +1,120 @@
+"""GRPO alignment of the generator (`trainer: grpo`; DanceGRPO / Flow-GRPO / MixGRPO knobs).
+
+  1. Mesh, rules and the generator built sharded; params restored from `config.init.generator`
+     (a flow or earlier alignment run's workdir) when given; AdamW state in the params' layout.
+  2. Rewards from `config.rewards` (`rewards/registry.py`); a frozen copy of the initial params
+     as the KL reference when `config.grpo.kl_beta > 0`. Both are passed to the step as consts.
+  3. Prompts: `config.data.prompts` (a jsonl/csv prompt file) or the digit prompts; each batch has
+     batch_size / G distinct prompts, each repeated G times adjacently (`data/pipeline.py`).
+  4. The step (`train/grpo_step.py`): rollout, rewards, group advantages, M minibatch updates,
+     all in one jitted function on device; checkpoints, resume, SIGTERM as every trainer.
+  5. Hook every `config.samples.every` iterations: ODE samples of the digit prompts, the judge's
+     accuracy and the configured reward of those samples.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rewarddance_jax.data import digits, pipeline, prompts as prompts_lib
+from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.rewards import registry
+from rewarddance_jax.train import common, generate, grpo_step, loop as loop_lib, optim
+
+IMAGE_SHAPE = (16, 16, 1)
+
+
+def decode_unit(x0: jax.Array) -> jax.Array:
+  """The digits' identity "VAE": model space [−1, 1] → pixels [0, 1] (differentiable inside)."""
+  return jnp.clip((x0 + 1.0) * 0.5, 0.0, 1.0)
+
+
+def prompt_records(config):
+  path = config.data.get('prompts', '')
+  return prompts_lib.load_prompt_file(path) if path else prompts_lib.digits_prompt_records()
+
+
+def digits_host_batch(batch: dict) -> dict:
+  """Arrays of a prompt batch, with the digit each prompt asks for as 'labels' (-1 if none)."""
+  labels = []
+  for text in batch['prompts']:
+    try:
+      labels.append(digits.label_from_prompt(text))
+    except ValueError:
+      labels.append(-1)
+  return {'tokens': batch['tokens'], 'mask': batch['mask'],
+          'labels': np.asarray(labels, np.int32)}
+
+
+def build_state(config, params, pshard, tx, mesh, batch_size: int, gcfg) -> tuple[dict, dict]:
+  """(state, shardings): params, optimizer, optional EMA, iteration, reward window."""
+  opt_shard = optim.opt_state_shardings(tx, params, pshard, mesh)
+  state = {'params': params, 'opt_state': jax.jit(tx.init, out_shardings=opt_shard)(params)}
+  shardings = {'params': pshard, 'opt_state': opt_shard}
+  if gcfg.ema_decay > 0:
+    state['ema'] = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=pshard)(params)
+    shardings['ema'] = pshard
+  replicated = NamedSharding(mesh, P())
+  rl = grpo_step.init_rl_state(gcfg, batch_size)
+  state['rl'] = jax.device_put(rl, replicated)
+  shardings['rl'] = jax.tree.map(lambda _: replicated, rl)
+  return state, shardings
+
+
+def train(config, workdir: str) -> dict:
+  mesh, rules = common.setup_mesh(config)
+  gcfg = grpo_step.GRPOConfig.from_config(config.grpo)
+  batch_size = int(config.data.batch_size)
+  if batch_size % gcfg.group_size or batch_size % gcfg.minibatches:
+    raise ValueError(f'config.data.batch_size={batch_size} must be divisible by '
+                     f'grpo.group_size={gcfg.group_size} and grpo.minibatches={gcfg.minibatches}.')
+  tok = common.digits_tokenizer(workdir, config.model.get('vocab_size'))
+  graphdef, params, pshard, _ = common.build_generator(config, mesh, rules)
+  init = config.get('init', {}).get('generator', '')
+  if init:
+    params = common.restore_generator(init, params, pshard,
+                                      use_ema=bool(config.init.get('use_ema', False)))
+    logging.info('GRPO starts from the generator in %s.', init)
+  else:
+    logging.warning('config.init.generator is empty: GRPO starts from a random generator.')
+
+  tx = optim.make_optimizer(config.optax)
+  state, shardings = build_state(config, params, pshard, tx, mesh, batch_size, gcfg)
+  rewards = registry.build_rewards(config.rewards)
+  ref = None
+  if gcfg.kl_beta > 0:
+    ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=pshard)(params)
+  consts = {'rewards': rewards, 'ref': ref}
+
+  max_len = int(config.data.max_text_len)
+  data_iter = pipeline.prompt_iter(prompt_records(config), batch_size, seed=int(config.seed),
+                                   tokenizer=tok, max_len=max_len, repeat_each=gcfg.group_size)
+
+  def to_device(batch):
+    return sharding_lib.host_to_global(digits_host_batch(batch), mesh, rules)
+
+  step_fn = grpo_step.make_grpo_step(
+      graphdef, tx, gcfg, IMAGE_SHAPE, reward_names=rewards.names,
+      reward_weights=rewards.weights, decode=decode_unit)
+
+  score = jax.jit(lambda r, images, labels: r.total(
+      {'pixels': images, 'latents': images * 2.0 - 1.0}, {'labels': labels}, jax.random.key(0)))
+
+  def reward_of_samples(images, labels):
+    return {'sample_reward': float(jnp.mean(score(rewards, images, labels)))}
+
+  hooks = []
+  if int(config.samples.get('every', 0)) > 0:
+    hooks.append((int(config.samples.every), generate.make_judge_hook(
+        config, graphdef, tok, workdir, IMAGE_SHAPE, extra=reward_of_samples)))
+  loop_cfg = loop_lib.LoopConfig.from_config(config, desc='grpo')
+  state, last = loop_lib.run(
+      workdir=workdir, loop=loop_cfg, state=state, state_shardings=shardings, step_fn=step_fn,
+      data_iter=data_iter, to_device=to_device, key=jax.random.key(int(config.seed)), mesh=mesh,
+      hooks=hooks, config_json=config.to_dict(), context=lambda: common.mesh_context(mesh, rules),
+      consts=consts)
+  return {'step': last}

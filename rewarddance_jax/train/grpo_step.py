@@ -1,0 +1,291 @@
+"""One GRPO iteration on a rectified flow as a single pure function (ALGORITHMS.md §3).
+
+`make_grpo_step(...)` returns `step(state, batch, key, consts) -> (state, metrics)`, which the
+shared loop jits once with the state donated. Inside, with nothing going back to the host:
+
+  1. Rollout (no gradient): the B = P·G rows of the batch (each prompt repeated G times adjacently)
+     start from x_T (one x_T per group with same noise), and `flow.rollout` runs N steps of the
+     configured SDE kind under `lax.scan`, storing x_i, x_{i+1} and logp_i (fp32) of the N − 1
+     trainable steps; the SDE mask and the per-sample trained steps come from `rl.timesteps`.
+  2. Rewards on x̂0 of the last step ('latents', and 'pixels' = decode(x̂0)), every configured
+     reward with its own key; advantages per group (`rl.advantages`), several rewards combined by
+     advantage or reward aggregation (`rl.aggregate`); zero-advantage samples get weight 0.
+  3. Update: the samples are shuffled and split into M minibatches; per minibatch the gradient of
+     Σ_t L_t/T over its T trained steps is accumulated under `lax.scan` (one forward/backward per
+     step in memory), then one optimizer step (M optimizer steps per iteration; DG/FG
+     accumulate over samples × steps the same way, §3.4). L_t is the clipped surrogate
+     (`rl.grpo_loss`) + β·velocity-form KL to the frozen reference (§3.3, `rl.kl`) + the optional
+     MixGRPO KL to the rollout policy. EMA after every optimizer step.
+  4. A non-finite loss or gradient anywhere leaves params, optimizer and EMA unchanged.
+  5. Metrics: reward mean/std (total and per reward), the reward-variance window (RewardDance
+     §4.7: std/var of the raw rewards of the last W iterations, a ring buffer in the state, so
+     resume is exact), advantage |A| mean, zero-std fraction, ratio mean/min/max, clipfrac,
+     approx_kl, grad norm, loss.
+
+`consts` holds the frozen trees: {'rewards': WeightedRewards (its params are the reward models),
+'ref': reference params or None}. They are arguments (not closures), so large reward models are
+sharded inputs rather than constants baked into the program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from rewarddance_jax.flow import rollout as rollout_lib
+from rewarddance_jax.flow import schedules, steps
+from rewarddance_jax.rl import advantages as adv_lib
+from rewarddance_jax.rl import aggregate, ema as ema_lib, grpo_loss, kl as kl_lib
+from rewarddance_jax.rl import timesteps
+
+COND_KEYS = ('tokens', 'mask', 'txt', 'pooled')
+AGGREGATIONS = ('advantage', 'reward')
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  """Static GRPO settings (from `config.grpo`; defaults: ALGORITHMS.md §3.7, §9)."""
+  group_size: int = 12
+  step_kind: str = 'dance'
+  noise_level: float = 0.3
+  schedule: str = 'shift'
+  num_steps: int = 16
+  shift: float = 3.0
+  selection: timesteps.TimestepSelection = timesteps.TimestepSelection()
+  advantage: str = 'dance'
+  global_std: bool = False
+  adv_clip: float = 5.0
+  aggregation: str = 'advantage'
+  clip_range: float = 1e-4
+  minibatches: int = 2
+  kl_beta: float = 0.0
+  rollout_kl: float = 0.0
+  same_noise: bool = True
+  guidance: float = 0.0
+  ema_decay: float = 0.0
+  variance_window: int = 1000
+
+  def __post_init__(self):
+    steps.check_step_kind(self.step_kind)
+    if self.step_kind == 'ode':
+      raise ValueError('grpo.step_kind="ode" has no log-probs; use dance, flow_grpo or cps.')
+    if self.advantage not in adv_lib.ADVANTAGE_MODES:
+      raise ValueError(f'grpo.advantage={self.advantage!r} is not one of '
+                       f'{adv_lib.ADVANTAGE_MODES}.')
+    if self.aggregation not in AGGREGATIONS:
+      raise ValueError(f'grpo.aggregation={self.aggregation!r} is not one of {AGGREGATIONS}.')
+    if self.kl_beta > 0 and self.step_kind not in kl_lib.VELOCITY_KL_KINDS:
+      raise ValueError(f'grpo.kl_beta > 0 needs step_kind in {kl_lib.VELOCITY_KL_KINDS}, got '
+                       f'{self.step_kind!r}.')
+    if self.group_size < 2:
+      raise ValueError(f'grpo.group_size must be >= 2 (advantages are group-relative), got '
+                       f'{self.group_size}.')
+    if self.selection.num_steps != self.num_steps:
+      raise ValueError('grpo.selection.num_steps must equal grpo.num_steps.')
+
+  @classmethod
+  def from_config(cls, cfg) -> 'GRPOConfig':
+    cfg = dict(cfg)
+    sel = dict(cfg.pop('selection', {}))
+    if 'window_range' in sel:
+      sel['window_range'] = tuple(sel['window_range'])
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(cfg) - known
+    if unknown:
+      raise ValueError(f'config.grpo has unknown key(s) {sorted(unknown)}.')
+    sel_known = {f.name for f in dataclasses.fields(timesteps.TimestepSelection)}
+    if set(sel) - sel_known:
+      raise ValueError(f'config.grpo.selection has unknown key(s) {sorted(set(sel) - sel_known)}.')
+    num_steps = int(cfg.get('num_steps', cls.num_steps))
+    selection = timesteps.TimestepSelection(num_steps=num_steps, **sel)
+    return cls(selection=selection, **cfg)
+
+  def sigmas(self, image_seq_len: int | None = None) -> np.ndarray:
+    return schedules.get_sigmas(self.schedule, self.num_steps, shift=self.shift,
+                                image_seq_len=image_seq_len)
+
+
+def cond_from_batch(batch: dict) -> dict:
+  """The generator's conditioning arrays of a batch (token ids or external embeddings)."""
+  return {k: batch[k] for k in COND_KEYS if k in batch}
+
+
+def _batch_size(batch: dict) -> int:
+  for k in COND_KEYS:
+    if k in batch:
+      return batch[k].shape[0]
+  raise ValueError(f'a GRPO batch needs conditioning: one of {COND_KEYS}; got {sorted(batch)}.')
+
+
+def init_rl_state(gcfg: GRPOConfig, batch_size: int) -> dict:
+  """state['rl']: the iteration counter and the reward-variance ring buffer (host numpy)."""
+  return {'iteration': np.zeros((), np.int32),
+          'reward_window': np.zeros((gcfg.variance_window, batch_size), np.float32)}
+
+
+def _reward_window(window: jax.Array, rewards: jax.Array, iteration: jax.Array):
+  w = window.shape[0]
+  window = jax.lax.dynamic_update_index_in_dim(window, rewards, iteration % w, axis=0)
+  valid = (jnp.arange(w) <= iteration)[:, None]
+  count = jnp.sum(valid) * window.shape[1]
+  mean = jnp.sum(jnp.where(valid, window, 0.0)) / count
+  var = jnp.sum(jnp.where(valid, jnp.square(window - mean), 0.0)) / count
+  return window, mean, var
+
+
+def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
+                   image_shape: tuple[int, ...], *, reward_names: tuple[str, ...],
+                   reward_weights: dict[str, float],
+                   decode: Callable[[jax.Array], jax.Array], image_seq_len: int | None = None):
+  """The pure GRPO iteration `(state, batch, key, consts) -> (state, metrics)` (module docstring).
+
+  Args:
+    graphdef: the generator's graphdef.
+    tx: the optimizer.
+    gcfg: static GRPO settings.
+    image_shape: latent shape of one sample (H, W, C).
+    reward_names / reward_weights: of the WeightedRewards passed in consts (static).
+    decode: latents x̂0 → pixels in [0, 1] (identity-to-unit for the digits, the VAE otherwise).
+    image_seq_len: for the 'flux_dynamic' schedule.
+  """
+  sigmas_np = gcfg.sigmas(image_seq_len)
+  n = gcfg.num_steps
+  sel = gcfg.selection
+  t_train = sel.num_trained
+  kind, eta, g = gcfg.step_kind, gcfg.noise_level, gcfg.group_size
+
+  def velocity(params, x, sigma, cond):
+    model = nnx.merge(graphdef, params)
+    guidance = None
+    if gcfg.guidance > 0:
+      guidance = jnp.full((x.shape[0],), gcfg.guidance, jnp.float32)
+    return model(x, sigma, cond, guidance)
+
+  def rollout_and_score(params, batch, cond, keys, iteration, rewards):
+    b = _batch_size(batch)
+    if b % g or b % gcfg.minibatches:
+      raise ValueError(f'the GRPO batch ({b} rows) must be divisible by group_size={g} and by '
+                       f'minibatches={gcfg.minibatches}.')
+    sigmas = jnp.asarray(sigmas_np)
+    idx, sde_mask = timesteps.select(sel, keys['select'], b, iteration)
+    x_init = rollout_lib.initial_noise(keys['noise'], (b,) + tuple(image_shape), group_size=g,
+                                       same_noise=gcfg.same_noise)
+    traj = rollout_lib.rollout(lambda x, s: velocity(params, x, s, cond), x_init, sigmas,
+                               keys['rollout'], kind=kind, noise_level=eta, sde_mask=sde_mask,
+                               keep_steps=range(n - 1))
+    samples = {'latents': traj.x0_hat, 'pixels': decode(traj.x0_hat)}
+    reward_batch = {k: v for k, v in batch.items() if not isinstance(v, str)}
+    per = rewards.per_reward(samples, reward_batch, keys['reward'])
+    return traj, idx, per
+
+  def advantages(per):
+    agg = (aggregate.advantage_aggregation if gcfg.aggregation == 'advantage'
+           else aggregate.reward_aggregation)
+    return agg(per, reward_weights, g, mode=gcfg.advantage, global_std=gcfg.global_std,
+               clip=gcfg.adv_clip)
+
+  def step_loss(params, ref, mb, cond):
+    """L_t/T of one trained step t of a minibatch, and its statistics."""
+    x, x_next, logp_old, sigma, sigma_next, adv, mask = mb
+    v = velocity(params, x, sigma, cond)
+    logp = steps.flow_step(kind, v, x, sigma, sigma_next, noise_level=eta, x_next=x_next).logp
+    loss, stats = grpo_loss.clipped_surrogate(logp, logp_old, adv, gcfg.clip_range, mask)
+    if gcfg.kl_beta > 0:
+      v_ref = jax.lax.stop_gradient(velocity(ref, x, sigma, cond))
+      kl = kl_lib.velocity_kl(v, v_ref, sigma, sigma_next - sigma, eta, kind)
+      kl_mean = jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+      loss = loss + gcfg.kl_beta * kl_mean
+      stats['kl'] = kl_mean
+    if gcfg.rollout_kl > 0:
+      loss = loss + gcfg.rollout_kl * grpo_loss.rollout_kl(logp, logp_old, mask)
+    stats['loss'] = loss
+    return loss / t_train, stats
+
+  grad_fn = jax.grad(step_loss, has_aux=True)
+
+  def update(state, consts, data, cond):
+    """M optimizer steps, each accumulating the gradients of its T trained steps."""
+
+    def minibatch(carry, xs):
+      params, opt_state, ema = carry
+      mb, mb_cond = xs
+      x, x_next, logp_old, sigma, sigma_next, adv, mask = mb
+
+      def per_step(acc, ts):
+        grads, stats = grad_fn(params, consts['ref'], ts + (adv, mask), mb_cond)
+        return jax.tree.map(jnp.add, acc, grads), stats
+
+      # (b, T, ...) → (T, b, ...): scan over the trained steps.
+      over_t = tuple(jnp.moveaxis(a, 1, 0) for a in (x, x_next, logp_old, sigma, sigma_next))
+      grads, stats = jax.lax.scan(per_step, jax.tree.map(jnp.zeros_like, params), over_t)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      if ema is not None:
+        ema = ema_lib.ema_update(ema, params, gcfg.ema_decay)
+      stats = dict(stats, grad_norm=optax.tree.norm(grads))
+      return (params, opt_state, ema), stats
+
+    carry = (state['params'], state['opt_state'], state.get('ema'))
+    (params, opt_state, ema), stats = jax.lax.scan(minibatch, carry, (data, cond))
+    return params, opt_state, ema, stats
+
+  def step(state, batch, key, consts):
+    keys = dict(zip(('noise', 'rollout', 'select', 'reward', 'shuffle'), jax.random.split(key, 5)))
+    cond = cond_from_batch(batch)
+    iteration = state['rl']['iteration']
+    params = jax.lax.stop_gradient(state['params'])
+    traj, idx, per = rollout_and_score(params, batch, cond, keys, iteration, consts['rewards'])
+    adv = advantages(per)
+    mask = adv_lib.nonzero_advantage_mask(adv)
+    sigmas = jnp.asarray(sigmas_np)
+    per_sample = (timesteps.gather_steps(traj.x, idx), timesteps.gather_steps(traj.x_next, idx),
+                  timesteps.gather_steps(traj.logp, idx), sigmas[idx], sigmas[idx + 1], adv, mask)
+
+    b = adv.shape[0]
+    m = gcfg.minibatches
+    perm = jax.random.permutation(keys['shuffle'], b)
+
+    def split(a):
+      a = jnp.take(a, perm, axis=0)
+      return a.reshape((m, b // m) + a.shape[1:])
+
+    data = tuple(split(a) for a in per_sample)
+    params, opt_state, ema, stats = update(state, consts, data, jax.tree.map(split, cond))
+
+    total = consts['rewards'].combine(per)
+    ok = jnp.all(jnp.isfinite(stats['loss'])) & jnp.all(jnp.isfinite(stats['grad_norm']))
+    new = {'params': params, 'opt_state': opt_state}
+    if ema is not None:
+      new['ema'] = ema
+    kept = {k: state[k] for k in new}
+    new = jax.tree.map(lambda a, o: jnp.where(ok, a, o), new, kept)
+    window, w_mean, w_var = _reward_window(state['rl']['reward_window'], total, iteration)
+    new['rl'] = {'iteration': iteration + 1, 'reward_window': window}
+
+    metrics = {
+        'loss': jnp.mean(stats['loss']), 'skipped': (~ok).astype(jnp.int32),
+        'reward_mean': jnp.mean(total), 'reward_std': jnp.std(total),
+        'reward_window_mean': w_mean, 'reward_window_std': jnp.sqrt(w_var),
+        'reward_window_var': w_var,
+        'adv_abs_mean': jnp.mean(jnp.abs(adv)), 'kept_fraction': jnp.mean(mask),
+        'zero_std_fraction': adv_lib.zero_std_fraction(total, g),
+        'grad_norm': jnp.mean(stats['grad_norm']), 'grad_norm_max': jnp.max(stats['grad_norm']),
+        'ratio_mean': jnp.mean(stats['ratio_mean']), 'ratio_min': jnp.min(stats['ratio_min']),
+        'ratio_max': jnp.max(stats['ratio_max']), 'clipfrac': jnp.mean(stats['clipfrac']),
+        'approx_kl': jnp.mean(stats['approx_kl']),
+    }
+    if 'kl' in stats:
+      metrics['kl'] = jnp.mean(stats['kl'])
+    if len(reward_names) > 1:
+      for name in reward_names:
+        metrics[f'reward/{name}_mean'] = jnp.mean(per[name])
+        metrics[f'reward/{name}_std'] = jnp.std(per[name])
+    return new, metrics
+
+  return step

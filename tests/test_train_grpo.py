@@ -1,0 +1,151 @@
+"""GRPO: the jitted iteration (on-policy ratio, learning, sharded == single device), the trainer
+(exact resume), the reward-variance window and bad input."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs.digits import grpo as grpo_config
+from rewarddance_jax import metrics as metrics_lib
+from rewarddance_jax.parallel import mesh as mesh_lib
+from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.rewards import base, rules
+from rewarddance_jax.train import common, grpo as grpo_trainer, grpo_step, optim
+
+G, B = 4, 8
+
+
+def _config(**overrides):
+  c = grpo_config.get_config('runlocal')
+  c.samples.every = 0
+  c.ckpt.async_save = False
+  c.mesh.num_devices = 1
+  c.data.batch_size = B
+  c.grpo.update(group_size=G, num_steps=3, minibatches=1, selection=dict(kind='prefix',
+                                                                           fraction=1.0))
+  c.optax.eps = 1e-3   # see test_train_flow: keeps Adam's first step from amplifying rounding
+  for k, v in overrides.items():
+    sec, _, key = k.rpartition('.')
+    (c[sec] if sec else c)[key] = v
+  return c
+
+
+def _setup(config, devices):
+  mesh = mesh_lib.create_mesh(ml_collections.ConfigDict(
+      dict(axes=('data', 'fsdp', 'tensor'), ici=config.mesh.ici)), devices)
+  rules_ = sharding_lib.rules_from_config(config.sharding_rules)
+  gcfg = grpo_step.GRPOConfig.from_config(config.grpo)
+  graphdef, params, pshard, _ = common.build_generator(config, mesh, rules_)
+  tx = optim.make_optimizer(config.optax)
+  state, shard = grpo_trainer.build_state(config, params, pshard, tx, mesh, B, gcfg)
+  rewards = base.WeightedRewards([(rules.mean_intensity(), 1.0)])
+  step = grpo_step.make_grpo_step(graphdef, tx, gcfg, grpo_trainer.IMAGE_SHAPE,
+                                  reward_names=rewards.names, reward_weights=rewards.weights,
+                                  decode=grpo_trainer.decode_unit)
+  rng = np.random.default_rng(0)
+  tokens = np.repeat(rng.integers(4, 40, size=(B // G, 8)).astype(np.int32), G, axis=0)
+  batch = sharding_lib.host_to_global({'tokens': tokens, 'mask': np.ones((B, 8), bool)},
+                                      mesh, rules_)
+  with common.mesh_context(mesh, rules_):
+    fn = jax.jit(step, in_shardings=(shard, None, None, None), out_shardings=(shard, None))
+  consts = {'rewards': rewards, 'ref': None}
+
+  def run(state, key):
+    with common.mesh_context(mesh, rules_):
+      return fn(state, batch, key, consts)
+
+  return state, run
+
+
+@pytest.fixture(scope='module')
+def single():
+  cfg = _config()
+  cfg.optax.lr = 3e-2   # a big step, so 10 iterations of a tiny model show the trend clearly
+  cfg.mesh.ici = (1, 1, 1)
+  return _setup(cfg, jax.devices()[:1])
+
+
+def test_first_update_is_on_policy_and_rewards_rise(single):
+  state, run = single
+  p0 = jax.device_get(state['params'])
+  rewards = []
+  for it in range(10):
+    state, m = run(state, jax.random.key(it))
+    m = jax.device_get(m)
+    if it == 0:
+      # One minibatch of the rollout's own samples, params unchanged: ρ = 1 up to rounding.
+      assert abs(float(m['ratio_min']) - 1) < 1e-4 and abs(float(m['ratio_max']) - 1) < 1e-4
+      assert float(m['skipped']) == 0 and float(m['kept_fraction']) > 0.5
+      assert float(m['adv_abs_mean']) > 0.1
+      first = jax.device_get(state['params'])
+    rewards.append(float(m['reward_mean']))
+  assert int(state['rl']['iteration']) == 10
+  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(first),
+                                                          jax.tree.leaves(p0)))
+  assert moved > 1e-4
+  # The mean-intensity reward is easy to raise: the last iterations beat the first ones.
+  assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.1, rewards
+
+
+def test_sharded_iteration_equals_single_device():
+  out = {}
+  for name, ici, devices in (('mesh', (2, 2, 2), jax.devices()), ('one', (1, 1, 1),
+                                                                   jax.devices()[:1])):
+    cfg = _config()
+    cfg.mesh.ici = ici
+    state, run = _setup(cfg, devices)
+    new, m = run(state, jax.random.key(3))
+    out[name] = (jax.device_get(new['params']), float(m['reward_mean']), float(m['loss']))
+  (p_mesh, r_mesh, l_mesh), (p_one, r_one, l_one) = out['mesh'], out['one']
+  np.testing.assert_allclose(r_mesh, r_one, rtol=1e-5)
+  np.testing.assert_allclose(l_mesh, l_one, rtol=1e-4, atol=1e-7)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p_mesh, p_one)
+
+
+def test_trainer_resume_equals_uninterrupted(tmp_path):
+  cfg = _config(total_steps=4)
+  cfg.ckpt.every = 2
+  grpo_trainer.train(cfg, str(tmp_path / 'straight'))
+  cfg_half = _config(total_steps=2)
+  cfg_half.ckpt.every = 2
+  grpo_trainer.train(cfg_half, str(tmp_path / 'resumed'))
+  grpo_trainer.train(cfg, str(tmp_path / 'resumed'))
+  straight = metrics_lib.read_metrics(str(tmp_path / 'straight'))
+  resumed = metrics_lib.read_metrics(str(tmp_path / 'resumed'))
+  key = lambda ms: {m['step']: (m['loss'], m['reward_mean'], m['reward_window_std'])
+                    for m in ms if 'loss' in m}
+  assert sorted(key(resumed)) == [1, 2, 3, 4]
+  assert key(resumed) == key(straight)
+
+
+def test_reward_window_is_the_std_of_the_last_w_iterations():
+  window = jnp.zeros((3, 2), jnp.float32)
+  seen = []
+  for it, r in enumerate([[1., 2.], [3., 5.], [0., 4.], [7., 7.]]):
+    window, mean, var = grpo_step._reward_window(window, jnp.asarray(r), jnp.int32(it))
+    seen.append(r)
+    last = np.asarray(seen[-3:]).ravel()
+    np.testing.assert_allclose(float(mean), last.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(var), last.var(), rtol=1e-5)
+
+
+@pytest.mark.parametrize('overrides, match', [
+    ({'data.batch_size': 6}, 'divisible by grpo.group_size'),
+    ({'grpo.step_kind': 'ode'}, 'no log-probs'),
+    ({'grpo.group_size': 1}, 'group_size must be >= 2'),
+])
+def test_bad_config_is_one_clear_error(tmp_path, overrides, match):
+  cfg = _config(**overrides)
+  with pytest.raises(ValueError, match=match):
+    grpo_trainer.train(cfg, str(tmp_path))
+
+
+def test_unknown_grpo_key_and_reward_kind_are_named(tmp_path):
+  with pytest.raises(ValueError, match='unknown key.*bogus'):
+    grpo_step.GRPOConfig.from_config({'bogus': 1})
+  cfg = _config()
+  cfg.rewards = {'r': {'kind': 'no_such_reward'}}
+  with pytest.raises(ValueError, match=r"config.rewards.r: unknown reward kind 'no_such_reward'"):
+    grpo_trainer.train(cfg, str(tmp_path))
