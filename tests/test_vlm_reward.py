@@ -157,3 +157,16 @@ def test_sharded_scoring_equals_single_device():
   assert isinstance(out.sharding, NamedSharding)
   assert len(sharded_params['lm']['embed']['embedding'].sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(out), single, atol=2e-6)
+
+
+def test_export_roundtrip(tmp_path):
+  from rewarddance_jax.rewards import vlm_export
+  graphdef, params, _, prompter, spec, cfg = _setup('pairwise')
+  vlm_export.save_vlm_reward(str(tmp_path), params, cfg, prompter.tokenizer,
+                             {'pairwise': prompter}, spec)
+  _, loaded, cfg2, _, prompters, spec2 = vlm_export.load_vlm_parts(str(tmp_path))
+  assert cfg2 == cfg and spec2 == spec
+  jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(params))
+  p2 = prompters['pairwise']
+  prompts = ['a handwritten digit two']
+  np.testing.assert_array_equal(p2.encode(prompts)['ids'], prompter.encode(prompts)['ids'])
