@@ -12,3 +12,4 @@ def get_trainer(name):
   if name not in TRAINERS:
     raise ValueError(f'config.trainer={name!r} is not one of {sorted(TRAINERS)}.')
   return importlib.import_module(TRAINERS[name]).train
+TRAINERS['vlm_reward'] = 'rewarddance_jax.train.vlm_reward'

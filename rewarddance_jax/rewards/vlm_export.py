@@ -1,0 +1,97 @@
+"""A trained VLM reward on disk, for the RL stages: save once, load as a `Reward`.
+
+Layout of `DIR` (no pickle): `params.safetensors` (flat '/'-joined param paths, fp32),
+`vlm.json` (the VLMConfig, tile spec and both prompters' settings), `tokenizer.json`.
+`load_vlm_reward(DIR, mode, normalization, prompts=...)` rebuilds the graphdef from the config and
+returns `vlm_yes.vlm_yes_reward(...)`, ready for `WeightedRewards`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rewarddance_jax.models.vlm import InternVL
+from rewarddance_jax.models.vlm.config import vlm_config
+from rewarddance_jax.rewards import vlm_yes
+
+PARAMS_FILE = 'params.safetensors'
+CONFIG_FILE = 'vlm.json'
+TOKENIZER_FILE = 'tokenizer.json'
+
+
+def _flatten(tree) -> dict[str, np.ndarray]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(str(getattr(k, 'key', k)) for k in p): np.asarray(x, np.float32)
+          for p, x in flat}
+
+
+def _unflatten(flat: dict[str, np.ndarray]) -> dict:
+  tree: dict = {}
+  for key, v in flat.items():
+    parts = [int(p) if p.isdigit() else p for p in key.split('/')]
+    node = tree
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+    node[parts[-1]] = v
+  return tree
+
+
+def save_vlm_reward(directory: str, params, cfg, tokenizer, prompters: dict, tile_spec) -> str:
+  """Writes params, config (VLMConfig + tiles + {mode: prompter settings}) and tokenizer."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+
+  os.makedirs(directory, exist_ok=True)
+  save_file(_flatten(jax.device_get(params)), os.path.join(directory, PARAMS_FILE))
+  prompt_cfg = {mode: dict(template=p.template, criteria=p.criteria, max_len=p.max_len,
+                           image_start=p.image_start, image_end=p.image_end, pad_id=p.pad_id,
+                           yes=list(p.yes), no=list(p.no), chat_template=p.chat_template)
+                for mode, p in prompters.items()}
+  meta = {'vlm': dataclasses.asdict(cfg), 'tiles': dataclasses.asdict(tile_spec),
+          'prompters': prompt_cfg}
+  with open(os.path.join(directory, CONFIG_FILE), 'w', encoding='utf-8') as f:
+    json.dump(meta, f, indent=1)
+  tokenizer.save(os.path.join(directory, TOKENIZER_FILE))
+  return directory
+
+
+def load_vlm_parts(directory: str, **overrides):
+  """(graphdef, params, VLMConfig, tokenizer, {mode: Prompter}, TileSpec) from `directory`."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
+  path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: not a saved VLM reward directory.')
+  with open(path, encoding='utf-8') as f:
+    meta = json.load(f)
+  vcfg = dict(meta['vlm'])
+  vcfg.update(overrides)
+  cfg = vlm_config(vcfg)
+  tiles = meta['tiles']
+  tile_spec = vlm_yes.TileSpec(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in tiles.items()})
+  tok = tokenizers.Tokenizer.from_file(os.path.join(directory, TOKENIZER_FILE))
+  n_tiles = tile_spec(np.zeros((1, tile_spec.size, tile_spec.size, 1), np.float32)).shape[1]
+  prompters = {mode: vlm_yes.Prompter(tokenizer=tok, mode=mode, image_token_id=cfg.image_token_id,
+                                      tokens_per_image=n_tiles * cfg.tokens_per_tile, **p)
+               for mode, p in meta['prompters'].items()}
+  with nnx.use_eager_sharding(False):
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0))))
+  params = _unflatten(load_file(os.path.join(directory, PARAMS_FILE)))
+  return graphdef, params, cfg, tok, prompters, tile_spec
+
+
+def load_vlm_reward(directory: str, mode: str = 'pointwise', normalization: str = 'two_way',
+                    **reward_kwargs):
+  """The saved VLM as a `Reward` (see `vlm_yes.vlm_yes_reward` for `prompts`, `ref_images`)."""
+  graphdef, params, _, _, prompters, tile_spec = load_vlm_parts(directory)
+  if mode not in prompters:
+    raise ValueError(f'{directory} holds prompters for {sorted(prompters)}, not {mode!r}.')
+  return vlm_yes.vlm_yes_reward(graphdef, params, prompters[mode], tile_spec,
+                                normalization=normalization, **reward_kwargs)
