@@ -89,9 +89,15 @@ def _set_layer_fn(sharding):
 
 
 def load(source: str, rules: Sequence[Rule], abstract: dict, *, prefer: str | None = None,
-         progress: bool = False, what: str | None = None) -> dict:
-  """Reads `source` (file or directory) into a tree shaped like `abstract` (see module doc)."""
-  infos = st.index(source, prefer)
+         progress: bool = False, what: str | None = None, ignore: Sequence[str] = (),
+         infos: dict | None = None) -> dict:
+  """Reads `source` (file or directory) into a tree shaped like `abstract` (see module doc).
+
+  `ignore`: source keys known to be redundant (tied copies, non-persistent buffers), skipped.
+  """
+  infos = dict(infos or st.index(source, prefer))
+  for key in ignore:
+    infos.pop(key, None)
   flat_abs = flatten(abstract)
   check_plan(rules, {k: i.shape for k, i in infos.items()},
              {p: tuple(a.shape) for p, a in flat_abs.items()}, what=what or f'weights {source}')
