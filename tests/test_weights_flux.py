@@ -21,6 +21,7 @@ from rewarddance_jax.models.presets import model_preset  # noqa: E402
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES  # noqa: E402
 from rewarddance_jax.weights import flux  # noqa: E402
 from rewarddance_jax.weights.keymap import WeightsMismatchError  # noqa: E402
+from rewarddance_jax.weights.loader import fast_abstract_tracing  # noqa: E402
 
 B, H, W, C, L = 4, 8, 6, 4, 5     # non-square latent: 4×3 tokens of 2×2 patches
 
@@ -174,7 +175,7 @@ def test_flux_bad_weights_name_every_key(tiny_dirs, tmp_path):
 
 def test_flux_dev_param_count_matches_diffusers():
   cfg = generator_config(model_preset('flux-dev', scan_layers=True))
-  with nnx.use_eager_sharding(False):
+  with nnx.use_eager_sharding(False), fast_abstract_tracing():
     ours = param_count(nnx.state(nnx.eval_shape(lambda: Generator(cfg, rngs=nnx.Rngs(0)))))
   with torch.device('meta'):
     ref = sum(p.numel() for p in diffusers.FluxTransformer2DModel(guidance_embeds=True).parameters())
