@@ -24,6 +24,7 @@ from flax import nnx
 from rewarddance_jax.models.generator import Generator, GeneratorConfig
 from rewarddance_jax.models.mmdit import MMDiTConfig
 from rewarddance_jax.weights import loader
+from rewarddance_jax.weights.spec import ModelSpec
 from rewarddance_jax.weights.keymap import (IDENTITY, LINEAR, LINEAR_SWAP_HALVES, SWAP_HALVES, Rule,
                                             expand_blocks)
 
@@ -144,14 +145,24 @@ def read_config(path: str) -> dict:
     return json.load(f)
 
 
-def load(path: str, mesh, sharding_rules, *, progress: bool = False, **overrides):
-  """diffusers FLUX directory → (graphdef, params placed in their shardings, GeneratorConfig)."""
+def spec(path: str, **overrides) -> ModelSpec:
+  """The import plan for a diffusers FLUX directory (or a pipeline root holding transformer/)."""
   cfg = generator_config(read_config(path), **overrides)
-  graphdef, abstract = loader.abstract_params(lambda: Generator(cfg, rngs=nnx.Rngs(0)), mesh,
-                                              sharding_rules)
-  params = loader.load(model_dir(path), rules(cfg.mmdit), abstract, prefer=WEIGHTS_NAME,
-                       progress=progress, what=f'FLUX weights {path}')
-  return graphdef, params, cfg
+  return ModelSpec('flux', model_dir(path), cfg, lambda: Generator(cfg, rngs=nnx.Rngs(0)),
+                   tuple(rules(cfg.mmdit)), prefer=WEIGHTS_NAME)
+
+
+def load(path: str, mesh, sharding_rules, *, cache_dir: str | None = None,
+         progress: bool = False, **overrides):
+  """diffusers FLUX directory → (graphdef, params placed in their shardings, GeneratorConfig).
+
+  `overrides` go to MMDiTConfig (dtype, param_dtype, scan_layers, remat, attention, ...);
+  `cache_dir` enables the converted-weights cache.
+  """
+  s = spec(path, **overrides)
+  graphdef, params = loader.load_model(s, mesh, sharding_rules, cache_dir=cache_dir,
+                                       progress=progress)
+  return graphdef, params, s.cfg
 
 
 def export(params: dict, cfg: GeneratorConfig, out_dir: str, *, dtype=None,

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.weights import safetensors_io as st
 from rewarddance_jax.weights.keymap import Rule, check_plan, path_str
+from rewarddance_jax.weights.spec import ModelSpec
 
 
 def flatten(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
@@ -147,6 +148,24 @@ def load(source: str, rules: Sequence[Rule], abstract: dict, *, prefer: str | No
     bar.update(1)
   bar.close()
   return unflatten({p: out[p] for p in flat_abs})
+
+
+def load_spec(spec: ModelSpec, abstract: dict, *, progress: bool = False) -> dict:
+  """`load` for a family's ModelSpec into an abstract tree from `abstract_params`."""
+  return load(spec.source, spec.rules, abstract, prefer=spec.prefer, ignore=spec.ignore,
+              progress=progress, what=f'{spec.family} weights {spec.source}')
+
+
+def load_model(spec: ModelSpec, mesh, sharding_rules, *, cache_dir: str | None = None,
+               progress: bool = False) -> tuple[nnx.GraphDef, dict]:
+  """(graphdef, params placed in their shardings) for `spec`; through the cache if `cache_dir`."""
+  if cache_dir:
+    from rewarddance_jax.weights import cache  # pylint: disable=g-import-not-at-top
+    graphdef, params, _ = cache.load_cached(spec, mesh, sharding_rules, cache_dir,
+                                            progress=progress)
+    return graphdef, params
+  graphdef, abstract = abstract_params(spec.factory, mesh, sharding_rules)
+  return graphdef, load_spec(spec, abstract, progress=progress)
 
 
 def _assemble(src: str, pieces: list[tuple[tuple | None, np.ndarray]]) -> np.ndarray:

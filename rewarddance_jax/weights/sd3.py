@@ -23,6 +23,7 @@ from flax import nnx
 
 from rewarddance_jax.models.sd3 import SD3Config, SD3Generator
 from rewarddance_jax.weights import loader
+from rewarddance_jax.weights.spec import ModelSpec
 from rewarddance_jax.weights.keymap import (IDENTITY, LINEAR, LINEAR_SWAP_HALVES, SWAP_HALVES, Rule,
                                             Transform)
 
@@ -158,15 +159,19 @@ def read_config(path: str) -> dict:
     return json.load(f)
 
 
-def load(path: str, mesh, sharding_rules, *, progress: bool = False, **overrides):
+def spec(path: str, **overrides) -> ModelSpec:
+  cfg = sd3_config(read_config(path), **overrides)
+  return ModelSpec('sd3', model_dir(path), cfg, lambda: SD3Generator(cfg, rngs=nnx.Rngs(0)),
+                   tuple(rules(cfg)), prefer=WEIGHTS_NAME)
+
+
+def load(path: str, mesh, sharding_rules, *, cache_dir: str | None = None,
+         progress: bool = False, **overrides):
   """diffusers SD3 directory → (graphdef, params, SD3Config)."""
-  raw = read_config(path)
-  cfg = sd3_config(raw, **overrides)
-  graphdef, abstract = loader.abstract_params(lambda: SD3Generator(cfg, rngs=nnx.Rngs(0)), mesh,
-                                              sharding_rules)
-  params = loader.load(model_dir(path), rules(cfg), abstract, prefer=WEIGHTS_NAME,
-                       progress=progress, what=f'SD3 weights {path}')
-  return graphdef, params, cfg
+  s = spec(path, **overrides)
+  graphdef, params = loader.load_model(s, mesh, sharding_rules, cache_dir=cache_dir,
+                                       progress=progress)
+  return graphdef, params, s.cfg
 
 
 def export(params: dict, cfg: SD3Config, out_dir: str, *, dtype=np.float32,

@@ -22,6 +22,7 @@ from rewarddance_jax.models.t5 import T5Config, T5Encoder
 from rewarddance_jax.weights import loader
 from rewarddance_jax.weights import safetensors_io as st
 from rewarddance_jax.weights.keymap import IDENTITY, LINEAR, Rule
+from rewarddance_jax.weights.spec import ModelSpec
 
 WEIGHTS_NAME = 'model'
 
@@ -108,27 +109,37 @@ def clip_config(c: dict, **overrides) -> CLIPTextConfig:
       eos_token_id=text.get('eos_token_id', 2), projection_dim=projection, **overrides)
 
 
-def load_t5(path: str, mesh, sharding_rules, *, progress: bool = False, **overrides):
-  """transformers T5EncoderModel directory → (graphdef, params, T5Config)."""
+def t5_spec(path: str, **overrides) -> ModelSpec:
   cfg = t5_config(_read_json(path), **overrides)
   infos = st.index(path, WEIGHTS_NAME)
   embed_key = 'shared.weight' if 'shared.weight' in infos else 'encoder.embed_tokens.weight'
-  ignore = ['encoder.embed_tokens.weight'] if embed_key == 'shared.weight' else []
-  graphdef, abstract = loader.abstract_params(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0)), mesh,
-                                              sharding_rules)
-  params = loader.load(path, t5_rules(cfg, embed_key), abstract, infos=infos, ignore=ignore,
-                       progress=progress, what=f'T5 weights {path}')
-  return graphdef, params, cfg
+  ignore = ('encoder.embed_tokens.weight',) if embed_key == 'shared.weight' else ()
+  return ModelSpec('t5', path, cfg, lambda: T5Encoder(cfg, rngs=nnx.Rngs(0)),
+                   tuple(t5_rules(cfg, embed_key)), prefer=WEIGHTS_NAME, ignore=ignore)
 
 
-def load_clip(path: str, mesh, sharding_rules, *, progress: bool = False, **overrides):
-  """transformers CLIPTextModel[WithProjection] directory → (graphdef, params, CLIPTextConfig)."""
+def clip_spec(path: str, **overrides) -> ModelSpec:
   cfg = clip_config(_read_json(path), **overrides)
   infos = st.index(path, WEIGHTS_NAME)
   src_prefix = 'text_model.' if any(k.startswith('text_model.') for k in infos) else ''
-  graphdef, abstract = loader.abstract_params(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0)), mesh,
-                                              sharding_rules)
-  params = loader.load(path, clip_rules(cfg, src_prefix=src_prefix), abstract, infos=infos,
-                       ignore=[f'{src_prefix}embeddings.position_ids'], progress=progress,
-                       what=f'CLIP weights {path}')
-  return graphdef, params, cfg
+  return ModelSpec('clip', path, cfg, lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0)),
+                   tuple(clip_rules(cfg, src_prefix=src_prefix)), prefer=WEIGHTS_NAME,
+                   ignore=(f'{src_prefix}embeddings.position_ids',))
+
+
+def load_t5(path: str, mesh, sharding_rules, *, cache_dir: str | None = None,
+            progress: bool = False, **overrides):
+  """transformers T5EncoderModel directory → (graphdef, params, T5Config)."""
+  s = t5_spec(path, **overrides)
+  graphdef, params = loader.load_model(s, mesh, sharding_rules, cache_dir=cache_dir,
+                                       progress=progress)
+  return graphdef, params, s.cfg
+
+
+def load_clip(path: str, mesh, sharding_rules, *, cache_dir: str | None = None,
+              progress: bool = False, **overrides):
+  """transformers CLIPTextModel[WithProjection] directory → (graphdef, params, CLIPTextConfig)."""
+  s = clip_spec(path, **overrides)
+  graphdef, params = loader.load_model(s, mesh, sharding_rules, cache_dir=cache_dir,
+                                       progress=progress)
+  return graphdef, params, s.cfg

@@ -18,6 +18,7 @@ from flax import nnx
 
 from rewarddance_jax.models.vae import AutoencoderKL, VAEConfig
 from rewarddance_jax.weights import loader
+from rewarddance_jax.weights.spec import ModelSpec
 from rewarddance_jax.weights.keymap import CONV2D, IDENTITY, LINEAR, Rule
 
 CLASS_NAME = 'AutoencoderKL'
@@ -120,15 +121,20 @@ def model_dir(path: str) -> str:
   return sub if os.path.isfile(os.path.join(sub, 'config.json')) else path
 
 
-def load(path: str, mesh, sharding_rules, *, progress: bool = False, **overrides):
-  """diffusers AutoencoderKL directory (or a pipeline's root) → (graphdef, params, VAEConfig)."""
+def spec(path: str, **overrides) -> ModelSpec:
   with open(os.path.join(model_dir(path), 'config.json')) as f:
     cfg = vae_config(json.load(f), **overrides)
-  graphdef, abstract = loader.abstract_params(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)), mesh,
-                                              sharding_rules)
-  params = loader.load(model_dir(path), rules(cfg), abstract, prefer=WEIGHTS_NAME,
-                       progress=progress, what=f'VAE weights {path}')
-  return graphdef, params, cfg
+  return ModelSpec('vae', model_dir(path), cfg, lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)),
+                   tuple(rules(cfg)), prefer=WEIGHTS_NAME)
+
+
+def load(path: str, mesh, sharding_rules, *, cache_dir: str | None = None,
+         progress: bool = False, **overrides):
+  """diffusers AutoencoderKL directory (or a pipeline's root) → (graphdef, params, VAEConfig)."""
+  s = spec(path, **overrides)
+  graphdef, params = loader.load_model(s, mesh, sharding_rules, cache_dir=cache_dir,
+                                       progress=progress)
+  return graphdef, params, s.cfg
 
 
 def export(params: dict, cfg: VAEConfig, out_dir: str, *, dtype=np.float32) -> list[str]:
