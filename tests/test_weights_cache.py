@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import AxisType, Mesh
+from safetensors.numpy import load_file
 
 from rewarddance_jax.models.generator import Generator
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES
@@ -35,80 +36,62 @@ def _write_source(path, seed):
   return params
 
 
-def _leaves(tree):
-  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+def test_cache_and_launch_convert(tmp_path, monkeypatch):
+  """launch.convert imports + caches + exports; a second load restores Orbax onto another mesh
+  without reading the safetensors; a changed layout or source converts again; a generator
+  trained here exports back to the diffusers layout."""
+  from launch import convert
+  from rewarddance_jax.checkpoint import Checkpointer
 
-
-def test_second_load_restores_without_reading_safetensors(tmp_path, monkeypatch):
   src, cache_dir = tmp_path / 'flux', str(tmp_path / 'cache')
   expected = _write_source(src, 0)
-  spec = flux.spec(str(src), scan_layers=True)
-  graphdef, params, hit = cache.load_cached(spec, _mesh((1, 1, 1)), DEFAULT_RULES, cache_dir)
-  assert not hit
-  # Scanned: the two double blocks are stacked along a leading layer axis.
-  stacked = params['transformer']['double_blocks']['img_attn']['q']['kernel']
-  np.testing.assert_array_equal(
-      stacked[1], expected['transformer']['double_blocks'][1]['img_attn']['q']['kernel'])
-  assert len(os.listdir(cache_dir)) == 1
+  mesh1 = _mesh((1, 1, 1))
+  first = convert.run('flux', str(src), cache_dir=cache_dir, export=str(tmp_path / 'out'),
+                      overrides={'scan_layers': True}, mesh=mesh1, progress=False)
+  assert first['cache'] == 'written' and first['params'] > 0 and len(os.listdir(cache_dir)) == 1
+  a = load_file(str(src / 'diffusion_pytorch_model.safetensors'))
+  b = load_file(str(tmp_path / 'out' / 'diffusion_pytorch_model.safetensors'))
+  assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
-  def no_read(*a, **k):
+  def no_read(*args, **kwargs):
     raise AssertionError('the cache path must not read the safetensors')
 
   monkeypatch.setattr(safetensors_io, 'stream', no_read)
+  spec = flux.spec(str(src), scan_layers=True)
   mesh8 = _mesh((1, 4, 2))                           # restore onto another mesh
-  graphdef2, params2, hit = cache.load_cached(spec, mesh8, DEFAULT_RULES, cache_dir)
+  graphdef, params, hit = cache.load_cached(spec, mesh8, DEFAULT_RULES, cache_dir)
   assert hit
-  for a, b in zip(_leaves(params), _leaves(params2)):
-    np.testing.assert_array_equal(a, b)
-  q = params2['transformer']['double_blocks']['img_attn']['q']['kernel']
+  # Scanned: the two double blocks are stacked along a leading layer axis.
+  q = params['transformer']['double_blocks']['img_attn']['q']['kernel']
+  np.testing.assert_array_equal(
+      q[1], expected['transformer']['double_blocks'][1]['img_attn']['q']['kernel'])
   assert q.sharding.mesh.shape == mesh8.shape and q.sharding.spec[1:] == ('fsdp', 'tensor')
-  # The restored tree runs.
-  model = nnx.merge(graphdef2, params2)
-  assert model.cfg.mmdit.scan_layers
+  assert nnx.merge(graphdef, params).cfg.mmdit.scan_layers
   # Another layout (param dtype) is another entry: converting it must read the source.
   with pytest.raises(AssertionError, match='must not read'):
-    cache.load_cached(flux.spec(str(src), scan_layers=True, param_dtype='bfloat16'),
-                      _mesh((1, 1, 1)), DEFAULT_RULES, cache_dir)
+    cache.load_cached(flux.spec(str(src), scan_layers=True, param_dtype='bfloat16'), mesh1,
+                      DEFAULT_RULES, cache_dir)
   monkeypatch.undo()
 
   # New source tensors (same names and sizes, later mtime) are never served from the old entry.
   new = _write_source(src, 1)
   for f in os.listdir(src):
     os.utime(src / f, (2e9, 2e9))
-  _, params3, hit = cache.load_cached(spec, _mesh((1, 1, 1)), DEFAULT_RULES, cache_dir)
+  _, params3, hit = cache.load_cached(spec, mesh1, DEFAULT_RULES, cache_dir)
   assert not hit
   np.testing.assert_array_equal(
       np.asarray(params3['transformer']['img_in']['kernel']), new['transformer']['img_in']['kernel'])
 
-
-def test_launch_convert_import_cache_export_and_trained_checkpoint(tmp_path):
-  from launch import convert
-  from rewarddance_jax.checkpoint import Checkpointer
-  from safetensors.numpy import load_file
-
-  src = tmp_path / 'flux'
-  _write_source(src, 2)
-  mesh = _mesh((1, 1, 1))
-  first = convert.run('flux', str(src), cache_dir=str(tmp_path / 'cache'),
-                      export=str(tmp_path / 'out'), mesh=mesh, progress=False)
-  again = convert.run('flux', str(src), cache_dir=str(tmp_path / 'cache'), mesh=mesh,
-                      progress=False)
-  assert (first['cache'], again['cache']) == ('written', 'hit')
-  assert first['params'] == again['params'] > 0
-  a = load_file(str(src / 'diffusion_pytorch_model.safetensors'))
-  b = load_file(str(tmp_path / 'out' / 'diffusion_pytorch_model.safetensors'))
-  assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
-
   # A generator trained here (its run config + params checkpoint) goes back to diffusers.
   model_cfg = dict(latent_channels=4, patch_size=2, num_heads=2, head_dim=16, depth_double=2,
                    depth_single=1, mlp_ratio=4.0, context_dim=24, pooled_dim=20,
-                   axes_dims=[4, 6, 6], guidance_embed=True, text='external')
-  _, params, _ = flux.load(str(src), mesh, DEFAULT_RULES)
+                   axes_dims=[4, 6, 6], guidance_embed=True, text='external', scan_layers=True)
   with Checkpointer(tmp_path / 'run' / 'checkpoints', async_save=False) as ckpt:
-    ckpt.save(7, arrays={'params': params}, json={'config': {'model': model_cfg}})
+    ckpt.save(7, arrays={'params': params3}, json={'config': {'model': model_cfg}})
   out = convert.run('flux', checkpoint=str(tmp_path / 'run' / 'checkpoints'),
-                    export=str(tmp_path / 'aligned'), mesh=mesh, progress=False)
+                    export=str(tmp_path / 'aligned'), mesh=mesh1, progress=False)
+  a = load_file(str(src / 'diffusion_pytorch_model.safetensors'))
   c = load_file(str(tmp_path / 'aligned' / 'diffusion_pytorch_model.safetensors'))
   assert out['params'] == first['params'] and all(np.array_equal(a[k], c[k]) for k in a)
   with pytest.raises(ValueError, match='exactly one of'):
-    convert.run('flux', mesh=mesh)
+    convert.run('flux', mesh=mesh1)

@@ -89,7 +89,8 @@ def test_sd35_medium_and_sd3_medium_key_maps_and_sizes():
     sd35 = diffusers.SD3Transformer2DModel(
         num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
         pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm='rms_norm')
-    sd30 = diffusers.SD3Transformer2DModel(num_layers=24, num_attention_heads=24,
+    # SD3.0-style blocks (no q/k norm, no dual attention); the depth does not matter here.
+    sd30 = diffusers.SD3Transformer2DModel(num_layers=3, num_attention_heads=24,
                                            caption_projection_dim=1536, pos_embed_max_size=192)
   counts = []
   for ref in (sd35, sd30):

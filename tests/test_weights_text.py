@@ -32,7 +32,7 @@ def _randomise(model, seed):
 
 
 def _tiny_t5(path):
-  cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+  cfg = transformers.T5Config(vocab_size=VOCAB, d_model=80, d_kv=8, d_ff=48, num_layers=2,
                               num_heads=4, feed_forward_proj='gated-gelu',
                               relative_attention_num_buckets=8, relative_attention_max_distance=20)
   model = transformers.T5EncoderModel(cfg).eval()
@@ -63,46 +63,6 @@ def _ids(b, length, seed):
   return ids, mask
 
 
-def test_t5_and_clip_match_transformers(tmp_path):
-  mesh = _mesh()
-  t5_ref = _tiny_t5(tmp_path / 't5')
-  clip_ref = _tiny_clip(tmp_path / 'clip', projection=True)
-  t5_g, t5_p, t5_cfg = text_weights.load_t5(str(tmp_path / 't5'), mesh, DEFAULT_RULES)
-  clip_g, clip_p, clip_cfg = text_weights.load_clip(str(tmp_path / 'clip'), mesh, DEFAULT_RULES)
-  assert clip_cfg.projection_dim == 12 and t5_cfg.num_layers == 2
-
-  ids, mask = _ids(3, 12, 0)
-
-  @jax.jit
-  def ours(t5_p, clip_p, ids, mask):
-    t5 = nnx.merge(t5_g, t5_p)
-    clip = nnx.merge(clip_g, clip_p)
-    return t5(ids, mask), t5(ids), clip(ids, mask), clip(ids)
-
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
-    t5_masked, t5_plain, clip_masked, clip_plain = ours(t5_p, clip_p, jnp.asarray(ids, jnp.int32),
-                                                        jnp.asarray(mask))
-  ti, tm = torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
-  with torch.no_grad():
-    ref = t5_ref(input_ids=ti, attention_mask=tm).last_hidden_state.numpy()
-    ref_plain = t5_ref(input_ids=ti).last_hidden_state.numpy()
-    c = clip_ref(input_ids=ti, attention_mask=tm, output_hidden_states=True)
-    c_plain = clip_ref(input_ids=ti)
-  valid = mask[..., None]
-  assert np.abs(ref).max() > 0.1
-  # Padded query rows differ by convention only (their outputs are never used): compare tokens.
-  np.testing.assert_allclose(np.where(valid, t5_masked, 0), np.where(valid, ref, 0), atol=1e-4)
-  np.testing.assert_allclose(t5_plain, ref_plain, atol=1e-4, rtol=0)
-  np.testing.assert_allclose(np.where(valid, clip_masked['last_hidden_state'], 0),
-                             np.where(valid, c.last_hidden_state.numpy(), 0), atol=1e-4)
-  np.testing.assert_allclose(np.where(valid, clip_masked['penultimate'], 0),
-                             np.where(valid, c.hidden_states[-2].numpy(), 0), atol=1e-4)
-  np.testing.assert_allclose(clip_masked['text_embeds'], c.text_embeds.numpy(), atol=1e-4)
-  np.testing.assert_allclose(clip_plain['last_hidden_state'],
-                             c_plain.last_hidden_state.numpy(), atol=1e-4)
-  np.testing.assert_allclose(clip_plain['text_embeds'], c_plain.text_embeds.numpy(), atol=1e-4)
-
-
 def _save_word_tokenizer(path):
   from tokenizers import Tokenizer, models, pre_tokenizers
   words = ['<pad>', '</s>', 'a', 'photo', 'of', 'cat', 'dog', 'red', 'blue', 'the']
@@ -113,27 +73,55 @@ def _save_word_tokenizer(path):
   fast.save_pretrained(path)
 
 
-def test_flux_prompt_encoding_from_local_tokenizer(tmp_path):
-  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ('data', 'fsdp', 'tensor'),
-              axis_types=(AxisType.Auto,) * 3)
+def test_t5_and_clip_match_transformers(tmp_path):
+  """SD3 prompt encoding (masked T5, CLIP-with-projection penultimate states and text_embeds),
+  then unmasked T5 + CLIPTextModel through the FLUX prompt encoder fed by a local AutoTokenizer."""
+  mesh = _mesh()
   t5_ref = _tiny_t5(tmp_path / 't5')
-  clip_ref = _tiny_clip(tmp_path / 'clip', projection=False)
+  clip_ref = _tiny_clip(tmp_path / 'clip', projection=True)
+  t5_g, t5_p, t5_cfg = text_weights.load_t5(str(tmp_path / 't5'), mesh, DEFAULT_RULES)
+  clip_g, clip_p, clip_cfg = text_weights.load_clip(str(tmp_path / 'clip'), mesh, DEFAULT_RULES)
+  assert clip_cfg.projection_dim == 12 and t5_cfg.num_layers == 2
+
+  ids, mask = _ids(3, 12, 0)
+  # SD3 recipe (the same CLIP serves as CLIP-L and CLIP-G here), T5 with its padding mask.
+  encode_sd3 = prompt_encoder.make_sd3_encoder(t5_g, clip_g, clip_g, mask_text=True)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
+    cond = encode_sd3(t5_p, clip_p, clip_p, ids, mask, ids, ids)
+  ti, tm = torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
+  with torch.no_grad():
+    ref = t5_ref(input_ids=ti, attention_mask=tm).last_hidden_state.numpy()
+    c = clip_ref(input_ids=ti, output_hidden_states=True)
+  assert np.abs(ref).max() > 0.1
+  assert cond['txt'].shape == (3, 12 + 12, 80) and cond['pooled'].shape == (3, 24)
+  np.testing.assert_array_equal(cond['mask'][:, 12:], mask)
+  valid = mask[..., None]
+  # Padded query rows differ by convention only (their outputs are never used): compare tokens.
+  np.testing.assert_allclose(np.where(valid, cond['txt'][:, 12:], 0), np.where(valid, ref, 0),
+                             atol=1e-4)
+  pen = c.hidden_states[-2].numpy()
+  np.testing.assert_allclose(cond['txt'][:, :12, :64], np.concatenate([pen, pen], -1), atol=1e-4)
+  assert not np.any(cond['txt'][:, :12, 64:])            # zero-padded to the T5 width
+  emb = c.text_embeds.numpy()
+  np.testing.assert_allclose(cond['pooled'], np.concatenate([emb, emb], -1), atol=1e-4)
+
+  # FLUX recipe: CLIPTextModel (saved without the text_model. prefix by transformers 5), no masks.
+  clip2_ref = _tiny_clip(tmp_path / 'clip2', projection=False)
+  clip2_g, clip2_p, _ = text_weights.load_clip(str(tmp_path / 'clip2'), mesh, DEFAULT_RULES)
   _save_word_tokenizer(tmp_path / 'tok')
   tok = prompt_encoder.load_tokenizer(str(tmp_path / 'tok'))
   prompts = ['a photo of a cat', 'the red dog']
-  ids, mask = prompt_encoder.tokenize(tok, prompts, 10)
-  assert ids.shape == (2, 10) and mask.sum(1).tolist() == [5, 3]
-  clip_ids = np.where(mask, ids, 0)
-  clip_ids[np.arange(2), mask.sum(1)] = VOCAB - 1        # CLIP's EOS after the words
-  t5_g, t5_p, _ = text_weights.load_t5(str(tmp_path / 't5'), mesh, DEFAULT_RULES)
-  clip_g, clip_p, _ = text_weights.load_clip(str(tmp_path / 'clip'), mesh, DEFAULT_RULES)
-  encode = prompt_encoder.make_flux_encoder(t5_g, clip_g)
+  tids, tmask = prompt_encoder.tokenize(tok, prompts, 10)
+  assert tids.shape == (2, 10) and tmask.sum(1).tolist() == [5, 3]
+  clip_ids = np.where(tmask, tids, 0)
+  clip_ids[np.arange(2), tmask.sum(1)] = VOCAB - 1        # CLIP's EOS after the words
+  encode = prompt_encoder.make_flux_encoder(t5_g, clip2_g)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
-    cond = encode(t5_p, clip_p, ids, mask, clip_ids)
+    cond = encode(t5_p, clip2_p, tids, tmask, clip_ids)
   with torch.no_grad():
-    txt = t5_ref(input_ids=torch.from_numpy(ids).long()).last_hidden_state.numpy()
-    pooled = clip_ref(input_ids=torch.from_numpy(clip_ids).long()).pooler_output.numpy()
-  assert cond['txt'].shape == (2, 10, 32) and cond['pooled'].shape == (2, 32)
+    txt = t5_ref(input_ids=torch.from_numpy(tids).long()).last_hidden_state.numpy()
+    pooled = clip2_ref(input_ids=torch.from_numpy(clip_ids).long()).pooler_output.numpy()
+  assert cond['txt'].shape == (2, 10, 80) and cond['pooled'].shape == (2, 32)
   assert bool(np.all(cond['mask']))
   np.testing.assert_allclose(cond['txt'], txt, atol=1e-4, rtol=0)
   np.testing.assert_allclose(cond['pooled'], pooled, atol=1e-4, rtol=0)

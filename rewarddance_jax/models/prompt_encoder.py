@@ -1,4 +1,4 @@
-"""Prompts → the generator's external conditioning {'txt', 'pooled', 'mask'} (FLUX recipe).
+"""Prompts → the generator's external conditioning {'txt', 'pooled', 'mask'} (FLUX, SD3 recipes).
 
   1. Host: tokenize with `transformers.AutoTokenizer` loaded from a local directory, padded to a
      fixed length (T5: 512 for FLUX-dev, CLIP: 77), so every batch compiles once.
@@ -8,6 +8,10 @@
        mask   = T5 attention mask when `mask_text`, else all True.
      The FLUX pipeline runs T5 and CLIP without attention masks and lets the transformer attend
      to padding; `mask_text=False` reproduces that exactly, `True` masks padding throughout.
+  3. SD3 (diffusers StableDiffusion3Pipeline): CLIP-L and CLIP-G (with projection) give their
+     penultimate hidden states, concatenated on channels and zero-padded to the T5 width, then
+     prepended to the T5 sequence: txt = [pad(clip_l ‖ clip_g); t5] (B, 77 + L_t5, 4096);
+     pooled = [text_embeds_l ‖ text_embeds_g] (B, 2048).
 """
 
 from __future__ import annotations
@@ -46,6 +50,32 @@ def make_flux_encoder(t5_graphdef: nnx.GraphDef, clip_graphdef: nnx.GraphDef,
     txt = t5(t5_ids, t5_mask if mask_text else None)
     pooled = clip(clip_ids)['pooled']
     mask = t5_mask.astype(bool) if mask_text else jnp.ones(t5_ids.shape, bool)
+    return {'txt': txt, 'pooled': pooled, 'mask': mask}
+
+  return encode
+
+
+def make_sd3_encoder(t5_graphdef: nnx.GraphDef, clip_l_graphdef: nnx.GraphDef,
+                     clip_g_graphdef: nnx.GraphDef, mask_text: bool = False):
+  """jitted (t5_params, clip_l_params, clip_g_params, t5_ids, t5_mask, clip_l_ids, clip_g_ids)
+  → {'txt', 'pooled', 'mask'} (see module doc, step 3)."""
+
+  @jax.jit
+  def encode(t5_params, clip_l_params, clip_g_params, t5_ids, t5_mask, clip_l_ids, clip_g_ids):
+    t5 = nnx.merge(t5_graphdef, t5_params)(t5_ids, t5_mask if mask_text else None)
+    out_l = nnx.merge(clip_l_graphdef, clip_l_params)(clip_l_ids)
+    out_g = nnx.merge(clip_g_graphdef, clip_g_params)(clip_g_ids)
+    if 'text_embeds' not in out_l or 'text_embeds' not in out_g:
+      raise ValueError('SD3 needs CLIP text models with a projection (CLIPTextModelWithProjection).')
+    clip = jnp.concatenate([out_l['penultimate'], out_g['penultimate']], axis=-1)
+    width = t5.shape[-1]
+    if clip.shape[-1] > width:
+      raise ValueError(f'CLIP width {clip.shape[-1]} exceeds the T5 width {width}.')
+    clip = jnp.pad(clip, ((0, 0), (0, 0), (0, width - clip.shape[-1])))
+    txt = jnp.concatenate([clip, t5], axis=1)
+    pooled = jnp.concatenate([out_l['text_embeds'], out_g['text_embeds']], axis=-1)
+    t5_valid = t5_mask.astype(bool) if mask_text else jnp.ones(t5_ids.shape, bool)
+    mask = jnp.concatenate([jnp.ones(clip_l_ids.shape, bool), t5_valid], axis=1)
     return {'txt': txt, 'pooled': pooled, 'mask': mask}
 
   return encode
