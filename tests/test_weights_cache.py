@@ -7,23 +7,17 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, Mesh
 from safetensors.numpy import load_file
 
 from rewarddance_jax.models.generator import Generator
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES
 from rewarddance_jax.weights import cache, flux, safetensors_io
+from weights_testlib import mesh as _mesh
 
 TINY = {'_class_name': 'FluxTransformer2DModel', 'in_channels': 16, 'num_layers': 2,
         'num_single_layers': 1, 'attention_head_dim': 16, 'num_attention_heads': 2,
         'joint_attention_dim': 24, 'pooled_projection_dim': 20, 'guidance_embeds': True,
         'axes_dims_rope': [4, 6, 6]}
-
-
-def _mesh(shape):
-  n = int(np.prod(shape))
-  return Mesh(np.array(jax.devices()[:n]).reshape(shape), ('data', 'fsdp', 'tensor'),
-              axis_types=(AxisType.Auto,) * 3)
 
 
 def _write_source(path, seed):

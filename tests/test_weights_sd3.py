@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, Mesh
 from safetensors.numpy import load_file
 
 torch = pytest.importorskip('torch')
@@ -20,6 +19,8 @@ from rewarddance_jax.parallel.sharding import DEFAULT_RULES  # noqa: E402
 from rewarddance_jax.weights import sd3  # noqa: E402
 from rewarddance_jax.weights.keymap import check_plan  # noqa: E402
 from rewarddance_jax.weights.loader import fast_abstract_tracing  # noqa: E402
+import weights_testlib as testlib  # noqa: E402
+from weights_testlib import run_o0  # noqa: E402
 
 B, H, W, C, L = 2, 8, 12, 4, 5
 
@@ -38,8 +39,7 @@ def test_sd35_matches_diffusers_and_round_trips(tmp_path):
       p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
   ref.save_pretrained(str(tmp_path / 'src'))
 
-  mesh = Mesh(np.array(jax.devices()[:2]).reshape(1, 2, 1), ('data', 'fsdp', 'tensor'),
-              axis_types=(AxisType.Auto,) * 3)
+  mesh = testlib.mesh((1, 2, 1))
   graphdef, params, cfg = sd3.load(str(tmp_path / 'src'), mesh, DEFAULT_RULES)
   assert cfg.dual_attention_layers == (0,) and cfg.qk_norm and cfg.depth == 3
 
@@ -49,12 +49,11 @@ def test_sd35_matches_diffusers_and_round_trips(tmp_path):
   pooled = rng.standard_normal((B, 18)).astype(np.float32)
   sigma = np.array([0.25, 0.9], np.float32)
 
-  @jax.jit
   def ours(params, x, sigma, txt, pooled):
     return nnx.merge(graphdef, params)(x, sigma, {'txt': txt, 'pooled': pooled})
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
-    out = np.asarray(ours(params, *(jnp.asarray(a) for a in (x, sigma, txt, pooled))))
+    out = np.asarray(run_o0(ours, params, *(jnp.asarray(a) for a in (x, sigma, txt, pooled))))
   with torch.no_grad():
     want = ref(hidden_states=torch.from_numpy(x).permute(0, 3, 1, 2),
                encoder_hidden_states=torch.from_numpy(txt),

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, Mesh
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -14,13 +13,10 @@ transformers = pytest.importorskip('transformers')
 from rewarddance_jax.models import prompt_encoder  # noqa: E402
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES  # noqa: E402
 from rewarddance_jax.weights import text as text_weights  # noqa: E402
+import weights_testlib as testlib  # noqa: E402
+from weights_testlib import run_o0  # noqa: E402
 
 VOCAB = 64
-
-
-def _mesh():
-  return Mesh(np.array(jax.devices()[:2]).reshape(1, 2, 1), ('data', 'fsdp', 'tensor'),
-              axis_types=(AxisType.Auto,) * 3)
 
 
 def _randomise(model, seed):
@@ -76,7 +72,7 @@ def _save_word_tokenizer(path):
 def test_t5_and_clip_match_transformers(tmp_path):
   """SD3 prompt encoding (masked T5, CLIP-with-projection penultimate states and text_embeds),
   then unmasked T5 + CLIPTextModel through the FLUX prompt encoder fed by a local AutoTokenizer."""
-  mesh = _mesh()
+  mesh = testlib.mesh((1, 2, 1))
   t5_ref = _tiny_t5(tmp_path / 't5')
   clip_ref = _tiny_clip(tmp_path / 'clip', projection=True)
   t5_g, t5_p, t5_cfg = text_weights.load_t5(str(tmp_path / 't5'), mesh, DEFAULT_RULES)
@@ -87,7 +83,7 @@ def test_t5_and_clip_match_transformers(tmp_path):
   # SD3 recipe (the same CLIP serves as CLIP-L and CLIP-G here), T5 with its padding mask.
   encode_sd3 = prompt_encoder.make_sd3_encoder(t5_g, clip_g, clip_g, mask_text=True)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
-    cond = encode_sd3(t5_p, clip_p, clip_p, ids, mask, ids, ids)
+    cond = run_o0(encode_sd3, t5_p, clip_p, clip_p, ids, mask, ids, ids)
   ti, tm = torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
   with torch.no_grad():
     ref = t5_ref(input_ids=ti, attention_mask=tm).last_hidden_state.numpy()
@@ -117,7 +113,7 @@ def test_t5_and_clip_match_transformers(tmp_path):
   clip_ids[np.arange(2), tmask.sum(1)] = VOCAB - 1        # CLIP's EOS after the words
   encode = prompt_encoder.make_flux_encoder(t5_g, clip2_g)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
-    cond = encode(t5_p, clip2_p, tids, tmask, clip_ids)
+    cond = run_o0(encode, t5_p, clip2_p, tids, tmask, clip_ids)
   with torch.no_grad():
     txt = t5_ref(input_ids=torch.from_numpy(tids).long()).last_hidden_state.numpy()
     pooled = clip2_ref(input_ids=torch.from_numpy(clip_ids).long()).pooler_output.numpy()

@@ -4,13 +4,14 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, Mesh
 
 torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES  # noqa: E402
 from rewarddance_jax.weights import vae as vae_weights  # noqa: E402
+import weights_testlib as testlib  # noqa: E402
+from weights_testlib import run_o0  # noqa: E402
 
 
 def test_vae_matches_diffusers(tmp_path):
@@ -27,8 +28,7 @@ def test_vae_matches_diffusers(tmp_path):
       p.copy_(base + 0.15 * torch.randn(p.shape, generator=g))
   ref.save_pretrained(str(tmp_path))
 
-  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ('data', 'fsdp', 'tensor'),
-              axis_types=(AxisType.Auto,) * 3)
+  mesh = testlib.mesh()
   graphdef, params, cfg = vae_weights.load(str(tmp_path), mesh, DEFAULT_RULES)
   assert (cfg.latent_channels, cfg.scaling_factor, cfg.shift_factor) == (16, 0.3611, 0.1159)
 
@@ -36,14 +36,13 @@ def test_vae_matches_diffusers(tmp_path):
   x = rng.uniform(-1, 1, (2, 16, 24, 3)).astype(np.float32)      # non-square image
   z = rng.standard_normal((2, 8, 12, 16)).astype(np.float32)
 
-  @jax.jit
   def ours(params, x, z):
     model = nnx.merge(graphdef, params)
     mean, logvar = model.encode(x)
     return mean, logvar, model.decode_latents((z - 0.1159) * 0.3611), model.encode_latents(x)
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
-    mean, logvar, dec, lat = (np.asarray(a) for a in ours(params, x, z))
+    mean, logvar, dec, lat = (np.asarray(a) for a in run_o0(ours, params, x, z))
 
   to_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)
   from_t = lambda t: t.detach().permute(0, 2, 3, 1).numpy()
