@@ -13,6 +13,7 @@ transformers = pytest.importorskip('transformers')
 from rewarddance_jax.models import prompt_encoder  # noqa: E402
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES  # noqa: E402
 from rewarddance_jax.weights import text as text_weights  # noqa: E402
+from rewarddance_jax.weights import text_pipeline  # noqa: E402
 import weights_testlib as testlib  # noqa: E402
 from weights_testlib import run_o0  # noqa: E402
 
@@ -37,10 +38,10 @@ def _tiny_t5(path):
   return model
 
 
-def _tiny_clip(path, projection: bool):
+def _tiny_clip(path, projection: bool, eos: int = VOCAB - 1):
   cfg = transformers.CLIPTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40,
                                     num_hidden_layers=2, num_attention_heads=4,
-                                    max_position_embeddings=16, eos_token_id=VOCAB - 1,
+                                    max_position_embeddings=16, eos_token_id=eos,
                                     projection_dim=12, hidden_act='quick_gelu')
   cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
   model = cls(cfg).eval()
@@ -60,10 +61,13 @@ def _ids(b, length, seed):
 
 
 def _save_word_tokenizer(path):
-  from tokenizers import Tokenizer, models, pre_tokenizers
+  """A word-level tokenizer that appends </s> (id 1) as T5's and CLIP's do."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors
   words = ['<pad>', '</s>', 'a', 'photo', 'of', 'cat', 'dog', 'red', 'blue', 'the']
   tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token='</s>'))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.post_processor = processors.TemplateProcessing(single='$A </s>',
+                                                     special_tokens=[('</s>', 1)])
   fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token='<pad>',
                                               eos_token='</s>')
   fast.save_pretrained(path)
@@ -101,21 +105,30 @@ def test_t5_and_clip_match_transformers(tmp_path):
   emb = c.text_embeds.numpy()
   np.testing.assert_allclose(cond['pooled'], np.concatenate([emb, emb], -1), atol=1e-4)
 
-  # FLUX recipe: CLIPTextModel (saved without the text_model. prefix by transformers 5), no masks.
-  clip2_ref = _tiny_clip(tmp_path / 'clip2', projection=False)
-  clip2_g, clip2_p, _ = text_weights.load_clip(str(tmp_path / 'clip2'), mesh, DEFAULT_RULES)
-  _save_word_tokenizer(tmp_path / 'tok')
-  tok = prompt_encoder.load_tokenizer(str(tmp_path / 'tok'))
-  prompts = ['a photo of a cat', 'the red dog']
-  tids, tmask = prompt_encoder.tokenize(tok, prompts, 10)
-  assert tids.shape == (2, 10) and tmask.sum(1).tolist() == [5, 3]
-  clip_ids = np.where(tmask, tids, 0)
-  clip_ids[np.arange(2), tmask.sum(1)] = VOCAB - 1        # CLIP's EOS after the words
-  encode = prompt_encoder.make_flux_encoder(t5_g, clip2_g)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
-    cond = run_o0(encode, t5_p, clip2_p, tids, tmask, clip_ids)
+  # FLUX recipe from a pipeline directory (CLIPTextModel, which transformers 5 saves without the
+  # text_model. prefix; unmasked T5), pre-encoded to disk by launch.encode_prompts and read back.
+  from launch import encode_prompts
+  root = tmp_path / 'pipe'
+  clip2_ref = _tiny_clip(root / 'text_encoder', projection=False, eos=1)
+  t5_ref.save_pretrained(root / 'text_encoder_2')
+  for sub in ('tokenizer', 'tokenizer_2'):
+    _save_word_tokenizer(root / sub)
+  enc = text_pipeline.PipelineTextEncoder('flux', str(root), mesh, DEFAULT_RULES, t5_len=10,
+                                          clip_len=8)
+  prompts = ['a photo of a cat', 'the red dog', 'a blue cat']
+  (tmp_path / 'p.jsonl').write_text(''.join(f'{{"prompt": "{p}"}}\n' for p in prompts))
+  summary = encode_prompts.run(enc, str(tmp_path / 'p.jsonl'), str(tmp_path / 'enc'),
+                               batch_size=2)
+  assert summary['prompts'] == 3
+  stored = text_pipeline.EncodedPrompts(str(tmp_path / 'enc'))
+  assert len(stored) == 3 and stored.prompts == prompts
+  cond = stored[[2, 0]]
+  tok = prompt_encoder.load_tokenizer(str(root / 'tokenizer'))
+  t5_ids, t5_mask = prompt_encoder.tokenize(tok, [prompts[2], prompts[0]], 10)
+  assert t5_mask.sum(1).tolist() == [4, 6]                 # words + </s>
+  clip_ids, _ = prompt_encoder.tokenize(tok, [prompts[2], prompts[0]], 8)
   with torch.no_grad():
-    txt = t5_ref(input_ids=torch.from_numpy(tids).long()).last_hidden_state.numpy()
+    txt = t5_ref(input_ids=torch.from_numpy(t5_ids).long()).last_hidden_state.numpy()
     pooled = clip2_ref(input_ids=torch.from_numpy(clip_ids).long()).pooler_output.numpy()
   assert cond['txt'].shape == (2, 10, 80) and cond['pooled'].shape == (2, 32)
   assert bool(np.all(cond['mask']))
