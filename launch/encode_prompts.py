@@ -12,14 +12,12 @@ reads them back. Tokenizers come from the pipeline's own tokenizer folders (no d
 from __future__ import annotations
 
 import json
-import time
 
 import ml_collections
 import numpy as np
 from absl import app, flags
 
 from rewarddance_jax import logs
-from rewarddance_jax.data import prompts as prompts_lib
 from rewarddance_jax.parallel import mesh as mesh_lib
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES
 from rewarddance_jax.weights import text_pipeline
@@ -37,14 +35,6 @@ _MASK = flags.DEFINE_boolean('mask_text', False, 'Mask T5 padding (FLUX/SD3 pipe
 _CACHE = flags.DEFINE_string('cache_dir', None, 'Converted-weights cache for the encoders.')
 
 
-def run(encoder, prompt_file: str, out_dir: str, *, batch_size: int = 8, dtype=np.float32) -> dict:
-  start = time.time()
-  records = prompts_lib.load_prompt_file(prompt_file)
-  files = text_pipeline.write_encoded(encoder, records, out_dir, batch_size=batch_size,
-                                      dtype=dtype)
-  return {'prompts': len(records), 'files': len(files), 'seconds': round(time.time() - start, 2)}
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
@@ -58,7 +48,8 @@ def main(argv):
     encoder = text_pipeline.PipelineTextEncoder(
         _FAMILY.value, _PIPELINE.value, mesh, DEFAULT_RULES, t5_len=_T5_LEN.value,
         mask_text=_MASK.value, cache_dir=_CACHE.value, progress=True)
-    summary = run(encoder, _PROMPTS.value, _OUT.value, batch_size=_BATCH.value, dtype=dtype)
+    summary = text_pipeline.encode_prompt_file(encoder, _PROMPTS.value, _OUT.value,
+                                               batch_size=_BATCH.value, dtype=dtype)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from e
   print(json.dumps(summary))

@@ -31,11 +31,11 @@ def _write_source(path, seed):
 
 
 def test_cache_and_launch_convert(tmp_path, monkeypatch):
-  """launch.convert imports + caches + exports; a second load restores Orbax onto another mesh
+  """weights.convert (launch.convert) imports + caches + exports; a second load restores Orbax onto another mesh
   without reading the safetensors; a changed layout or source converts again; a generator
   trained here exports back to the diffusers layout."""
-  from launch import convert
   from rewarddance_jax.checkpoint import Checkpointer
+  from rewarddance_jax.weights import convert
 
   src, cache_dir = tmp_path / 'flux', str(tmp_path / 'cache')
   expected = _write_source(src, 0)

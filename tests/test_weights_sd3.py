@@ -14,7 +14,7 @@ torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
 from rewarddance_jax.models.mmdit import param_count  # noqa: E402
-from rewarddance_jax.models.sd3 import SD3Config, SD3Generator  # noqa: E402
+from rewarddance_jax.models.sd3 import SD3Generator  # noqa: E402
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES  # noqa: E402
 from rewarddance_jax.weights import sd3  # noqa: E402
 from rewarddance_jax.weights.keymap import check_plan  # noqa: E402

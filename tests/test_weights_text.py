@@ -2,7 +2,6 @@
 tokenizer directory."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -15,7 +14,7 @@ from rewarddance_jax.parallel.sharding import DEFAULT_RULES  # noqa: E402
 from rewarddance_jax.weights import text as text_weights  # noqa: E402
 from rewarddance_jax.weights import text_pipeline  # noqa: E402
 import weights_testlib as testlib  # noqa: E402
-from weights_testlib import run_o0  # noqa: E402
+from weights_testlib import O0, run_o0  # noqa: E402
 
 VOCAB = 64
 
@@ -107,7 +106,6 @@ def test_t5_and_clip_match_transformers(tmp_path):
 
   # FLUX recipe from a pipeline directory (CLIPTextModel, which transformers 5 saves without the
   # text_model. prefix; unmasked T5), pre-encoded to disk by launch.encode_prompts and read back.
-  from launch import encode_prompts
   root = tmp_path / 'pipe'
   clip2_ref = _tiny_clip(root / 'text_encoder', projection=False, eos=1)
   t5_ref.save_pretrained(root / 'text_encoder_2')
@@ -116,9 +114,11 @@ def test_t5_and_clip_match_transformers(tmp_path):
   enc = text_pipeline.PipelineTextEncoder('flux', str(root), mesh, DEFAULT_RULES, t5_len=10,
                                           clip_len=8)
   prompts = ['a photo of a cat', 'the red dog', 'a blue cat']
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):   # batches of 2: compile at O0
+    enc.encode = enc.encode.lower(*enc.inputs(prompts[:2])).compile(compiler_options=O0)
   (tmp_path / 'p.jsonl').write_text(''.join(f'{{"prompt": "{p}"}}\n' for p in prompts))
-  summary = encode_prompts.run(enc, str(tmp_path / 'p.jsonl'), str(tmp_path / 'enc'),
-                               batch_size=2)
+  summary = text_pipeline.encode_prompt_file(enc, str(tmp_path / 'p.jsonl'),
+                                             str(tmp_path / 'enc'), batch_size=2)
   assert summary['prompts'] == 3
   stored = text_pipeline.EncodedPrompts(str(tmp_path / 'enc'))
   assert len(stored) == 3 and stored.prompts == prompts

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
+from rewarddance_jax.data import prompts as prompts_lib
 from rewarddance_jax.models import prompt_encoder
 from rewarddance_jax.weights import safetensors_io as st
 from rewarddance_jax.weights import text
@@ -102,6 +104,16 @@ def write_encoded(encoder, records: Sequence, out_dir: str, *, batch_size: int =
     for i, r in enumerate(records):
       f.write(json.dumps({'index': i, 'id': getattr(r, 'id', None), 'prompt': prompts[i]}) + '\n')
   return files
+
+
+def encode_prompt_file(encoder, prompt_file: str, out_dir: str, *, batch_size: int = 8,
+                       dtype=np.float32) -> dict:
+  """A .jsonl/.csv prompt file → `write_encoded(out_dir)`; returns a summary (what
+  `python -m launch.encode_prompts` runs)."""
+  start = time.time()
+  records = prompts_lib.load_prompt_file(prompt_file)
+  files = write_encoded(encoder, records, out_dir, batch_size=batch_size, dtype=dtype)
+  return {'prompts': len(records), 'files': len(files), 'seconds': round(time.time() - start, 2)}
 
 
 class EncodedPrompts:
