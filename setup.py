@@ -26,6 +26,7 @@ setup(
         "scikit-learn>=1.5",
         "pillow>=10",
         "matplotlib>=3.8",
+        "jinja2>=3.1",  # chat templates of VLM reward tokenizers
     ],
     extras_require={
         "test": [

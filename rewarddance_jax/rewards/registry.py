@@ -10,14 +10,39 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 from rewarddance_jax.rewards import base, rules
 
 Builder = Callable[..., base.Reward]
+
+
+def _vlm_yes(name: str, path: str, mode: str = 'pointwise', normalization: str = 'two_way',
+             prompts: str = 'digits', ref_images: str = '') -> base.Reward:
+  """A trained VLM yes-token reward (RewardDance) saved by the vlm_reward trainer at `path`.
+
+  prompts='digits' scores against the ten digit prompts indexed by batch['labels'];
+  prompts='' reads batch['vlm_ids'/'vlm_pos']. ref_images: a samples npz of one reference image
+  per label for the pairwise mode (else batch['ref_pixels']).
+  """
+  from rewarddance_jax.data import digits, samples  # pylint: disable=import-outside-toplevel
+  from rewarddance_jax.rewards import vlm_export  # pylint: disable=import-outside-toplevel
+  table = [digits.prompt_for_label(l) for l in range(10)] if prompts == 'digits' else None
+  refs = None
+  if ref_images:
+    loaded = samples.load_samples(ref_images)
+    missing = sorted(set(range(10)) - set(loaded['labels'].tolist()))
+    if missing:
+      raise ValueError(f'{ref_images}: no reference image for label(s) {missing}.')
+    refs = loaded['images'][[int(np.flatnonzero(loaded['labels'] == l)[0]) for l in range(10)]]
+  return vlm_export.load_vlm_reward(path, mode, normalization, prompts=table, ref_images=refs,
+                                    name=name)
 
 BUILDERS: dict[str, Builder] = {
     'mean_intensity': lambda name: rules.mean_intensity(name=name),
     'digit_prototype': lambda name, split_seed=0: rules.digit_prototype(split_seed, name=name),
     'ink_fraction': lambda name, threshold=0.5: rules.ink_fraction(threshold, name=name),
+    'vlm_yes': _vlm_yes,
 }
 
 

@@ -5,6 +5,7 @@ import importlib
 TRAINERS = {
     'flow': 'rewarddance_jax.train.flow',
     'grpo': 'rewarddance_jax.train.grpo',
+    'vlm_reward': 'rewarddance_jax.train.vlm_reward',
 }
 
 
@@ -12,4 +13,3 @@ def get_trainer(name):
   if name not in TRAINERS:
     raise ValueError(f'config.trainer={name!r} is not one of {sorted(TRAINERS)}.')
   return importlib.import_module(TRAINERS[name]).train
-TRAINERS['vlm_reward'] = 'rewarddance_jax.train.vlm_reward'
