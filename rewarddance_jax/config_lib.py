@@ -73,3 +73,4 @@ def parse_config_flags(argv):
   except flags.Error as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     sys.exit(f'error: {lines[0]} {lines[-1] if len(lines) > 1 else ""}'.strip())
+
