@@ -2,10 +2,14 @@
 
   python -m launch.sample --workdir=/tmp/digits_flow [--step=2000] [--per_class=10]
       [--num_steps=20] [--kind=ode|dance|flow_grpo|cps] [--noise_level=0.0] [--out=DIR] [--seed=0]
+      [--search=none|bon|sop --n=4 --m=2 --delta_f=0.1 --every=1
+       --verifier=digit_prototype | --verifier=vlm_yes --verifier_path=RM_DIR/reward_model]
 
 Reads the run's own config and tokenizer from the workdir, restores the params (EMA if the run
 kept them) onto this machine's mesh, samples the ten digit prompts, writes `<out>/samples_<step>`
-.npz/.png and prints the independent judge's prompt-alignment accuracy.
+.npz/.png and prints the independent judge's prompt-alignment accuracy. With --search, each image
+is the pick of best-of-N or Search over Paths (RewardDance §3.3.2) under the verifier reward, and
+the number of model calls per image is printed.
 """
 
 import json
@@ -17,6 +21,7 @@ import numpy as np
 from absl import app, flags
 
 from rewarddance_jax import checkpoint as ckpt_lib
+from rewarddance_jax import evaluate
 from rewarddance_jax import judge as judge_lib
 from rewarddance_jax import logs
 from rewarddance_jax.train import common, generate
@@ -29,6 +34,14 @@ _KIND = flags.DEFINE_string('kind', None, 'Step kind (default: the config sample
 _NOISE = flags.DEFINE_float('noise_level', None, 'η / a for SDE kinds (default: the config).')
 _OUT = flags.DEFINE_string('out', None, 'Output directory (default: WORKDIR/samples).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_SEARCH = flags.DEFINE_enum('search', 'none', ['none', 'bon', 'sop'],
+                            'Inference-time search: best-of-N or Search over Paths.')
+_N = flags.DEFINE_integer('n', 4, 'Search: candidates (bon) or beams (sop) per prompt.')
+_M = flags.DEFINE_integer('m', 2, 'Search over Paths: re-noisings per beam.')
+_DELTA_F = flags.DEFINE_float('delta_f', 0.1, 'Search over Paths: forward re-noising Δf.')
+_EVERY = flags.DEFINE_integer('every', 1, 'Search over Paths: search every k grid steps.')
+_VERIFIER = flags.DEFINE_string('verifier', 'digit_prototype', 'Verifier reward kind.')
+_VERIFIER_PATH = flags.DEFINE_string('verifier_path', '', 'Trained reward dir (vlm_yes).')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -55,17 +68,31 @@ def main(argv):
   item = 'ema' if has_ema else 'params'
   restored = ckpt.restore(step, arrays={item: ckpt_lib.abstract_like(params, pshard)})
   ckpt.close()
-  sample_fn = generate.make_sampler(graphdef, config.sampler, (16, 16, 1))
+  kw = dict(per_class=_PER_CLASS.value, max_len=int(config.data.max_text_len),
+            key=jax.random.key(_SEED.value))
+  name, extra = f'samples_{step}', {}
   with common.mesh_context(mesh, rules):
-    images, labels, prompts = generate.sample_digits(
-        sample_fn, restored[item], tok, per_class=_PER_CLASS.value,
-        max_len=int(config.data.max_text_len), key=jax.random.key(_SEED.value))
+    if _SEARCH.value == 'none':
+      sample_fn = generate.make_sampler(graphdef, config.sampler, (16, 16, 1))
+      images, labels, prompts = generate.sample_digits(sample_fn, restored[item], tok, **kw)
+      extra['model_calls'] = int(config.sampler.num_steps)
+    else:
+      spec = {'verifier': {'kind': _VERIFIER.value}}
+      if _VERIFIER_PATH.value:
+        spec['verifier']['path'] = _VERIFIER_PATH.value
+      score = evaluate.make_scorer(spec)
+      images, labels, prompts, calls = generate.search_digits(
+          graphdef, restored[item], tok, config.sampler, score, method=_SEARCH.value, n=_N.value,
+          m=_M.value, delta_f=_DELTA_F.value, every=_EVERY.value, **kw)
+      name += f'_{_SEARCH.value}'
+      extra.update(model_calls=calls, search=_SEARCH.value, verifier=_VERIFIER.value,
+                   verifier_mean=round(float(np.mean(score(images, labels))), 4))
   out = _OUT.value or os.path.join(workdir, 'samples')
-  path = generate.write_samples(out, f'samples_{step}', images, labels, prompts)
+  path = generate.write_samples(out, name, images, labels, prompts)
   acc = judge_lib.DigitJudge.load_or_train().accuracy(images, labels)
   print(json.dumps({'samples': path, 'png': path[:-4] + '.png', 'step': step, 'params': item,
                     'sampler': dict(config.sampler), 'judge_accuracy': round(float(acc), 4),
-                    'n': int(np.asarray(labels).size)}))
+                    'n': int(np.asarray(labels).size), **extra}))
 
 
 if __name__ == '__main__':

@@ -23,8 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from rewarddance_jax import metrics as metrics_lib
-from rewarddance_jax.data import tokenizer as tokenizer_lib
-from rewarddance_jax.flow import rollout as rollout_lib, search
 from rewarddance_jax.rewards import registry
 from rewarddance_jax.train import common, generate
 
@@ -39,7 +37,8 @@ def _stage_generator(cfg, directory: str):
   return graphdef, params
 
 
-def _scorer(reward_cfg):
+def make_scorer(reward_cfg):
+  """`score(images in [0, 1], labels) -> (R,) numpy` of the rewards `reward_cfg` builds."""
   rewards = registry.build_rewards(reward_cfg)
   fn = jax.jit(lambda r, images, labels: r.total(
       {'pixels': images, 'latents': images * 2.0 - 1.0}, {'labels': labels}, jax.random.key(0)))
@@ -55,40 +54,22 @@ def _row(name, images, labels, judge, score, calls, steps):
 
 
 def _search_rows(cfg, graphdef, params, tok, ecfg, judge, score, key, out_dir):
-  """Best-of-N and Search over Paths from the base generator with the yardstick verifier."""
-  prompts, labels = generate.digit_prompts(int(ecfg.per_class))
-  tokens, mask = tokenizer_lib.encode_prompts(tok, prompts, int(cfg.data.max_text_len))
-  sigmas = generate.sampler_sigmas(cfg.sampler)
-  steps = len(sigmas) - 1
+  """Search over Paths, then best-of-N at the nearest equal model calls, from the base."""
+  kw = dict(per_class=int(ecfg.per_class), max_len=int(cfg.data.max_text_len))
+  steps = int(cfg.sampler.num_steps)
   n_sop, m_sop = int(ecfg.sop_n), int(ecfg.sop_m)
-
-  def velocity_for(reps):
-    cond = {'tokens': jnp.asarray(np.repeat(tokens, reps, 0)),
-            'mask': jnp.asarray(np.repeat(mask, reps, 0))}
-    fn = jax.jit(lambda x, s, c: generate.velocity_fn(graphdef, params, c)(x, s))
-    return lambda x, s: fn(x, s, cond)
-
-  def verifier(x0):
-    rows = x0.shape[0]
-    lab = np.repeat(labels, rows // len(labels))
-    return jnp.asarray(score(np.asarray(generate.to_unit(x0)), lab))
-
-  x_init = rollout_lib.initial_noise(key, (len(prompts) * n_sop,) + IMAGE_SHAPE)
-  sop = search.search_over_paths(
-      lambda reps: velocity_for(n_sop * reps), x_init, sigmas, verifier,
-      jax.random.fold_in(key, 1), n=n_sop, m=m_sop, delta_f=float(ecfg.sop_delta_f),
-      every=int(ecfg.sop_every))
-  n_bon = max(1, int(round(sop.model_calls / steps)))
-  x_bon = rollout_lib.initial_noise(jax.random.fold_in(key, 2),
-                                    (len(prompts) * n_bon,) + IMAGE_SHAPE)
-  bon = search.best_of_n(velocity_for(n_bon), x_bon, jnp.asarray(sigmas), verifier, n_bon)
+  sop = generate.search_digits(graphdef, params, tok, cfg.sampler, score, key=key, method='sop',
+                               n=n_sop, m=m_sop, delta_f=float(ecfg.sop_delta_f),
+                               every=int(ecfg.sop_every), **kw)
+  n_bon = max(1, int(round(sop[3] / steps)))
+  bon = generate.search_digits(graphdef, params, tok, cfg.sampler, score,
+                               key=jax.random.fold_in(key, 2), method='bon', n=n_bon, **kw)
   rows = []
-  for name, res in ((f'base + best-of-{n_bon}', bon), (f'base + search over paths (N={n_sop}, '
-                                                        f'M={m_sop})', sop)):
-    images = np.asarray(generate.to_unit(res.x0), np.float32)
-    tag = 'bon' if 'best' in name else 'sop'
+  for name, tag, (images, labels, prompts, calls) in (
+      (f'base + best-of-{n_bon}', 'bon', bon),
+      (f'base + search over paths (N={n_sop}, M={m_sop})', 'sop', sop)):
     generate.write_samples(out_dir, f'samples_base_{tag}', images, labels, prompts)
-    rows.append(_row(name, images, labels, judge, score, res.model_calls, steps))
+    rows.append(_row(name, images, labels, judge, score, calls, steps))
   return rows
 
 
@@ -134,7 +115,7 @@ def evaluate_pipeline(config, workdir: str, records: dict) -> dict:
   from rewarddance_jax.train import pipeline  # pylint: disable=import-outside-toplevel
   ecfg = config.evaluate
   dirs = pipeline.stage_dirs(config, workdir)
-  score = _scorer(pipeline._fill(ecfg.reward.to_dict(), dirs))  # pylint: disable=protected-access
+  score = make_scorer(pipeline._fill(ecfg.reward.to_dict(), dirs))  # pylint: disable=protected-access
   judge = judge_lib.DigitJudge.load_or_train()
   tok = common.digits_tokenizer(None)
   key = jax.random.key(int(config.seed) + 1000)

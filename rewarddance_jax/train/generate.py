@@ -8,6 +8,7 @@
   3. `write_samples(dir, name, ...)` writes `<name>.npz` (the samples format of data/samples.py)
      and `<name>.png` (a grid, one row per digit).
   4. `make_judge_hook(...)`: the loop hook every digits trainer uses (samples + judge accuracy).
+  5. `search_digits(...)`: best-of-N / Search over Paths on the digit prompts with a verifier.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from rewarddance_jax.data import digits
 from rewarddance_jax.data import samples as samples_lib
 from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.flow import rollout as rollout_lib
-from rewarddance_jax.flow import schedules
+from rewarddance_jax.flow import schedules, search
 
 
 def velocity_fn(graphdef, params, cond: dict, guidance=None):
@@ -124,3 +125,38 @@ def make_judge_hook(config, graphdef, tok, workdir: str, image_shape: tuple[int,
     return out
 
   return hook
+
+
+def search_digits(graphdef, params, tok, sampler_cfg, score, *, per_class: int, max_len: int,
+                  key: jax.Array, method: str, n: int = 4, m: int = 2, delta_f: float = 0.1,
+                  every: int = 1, image_shape: tuple[int, ...] = (16, 16, 1)):
+  """Inference-time search over the ten digit prompts with a verifier (flow/search.py).
+
+  `score(images in [0, 1], labels) -> (R,)` is the verifier. method 'sop' is Search over Paths
+  (N beams, M re-noisings, Δf, every `every` grid steps); 'bon' is best-of-n. Returns
+  (images, labels, prompts, model calls per image).
+  """
+  prompts, labels = digit_prompts(per_class)
+  tokens, mask = tokenizer_lib.encode_prompts(tok, prompts, max_len)
+  sigmas = sampler_sigmas(sampler_cfg)
+  fn = jax.jit(lambda x, s, c: velocity_fn(graphdef, params, c)(x, s))
+
+  def velocity_for(reps):
+    cond = {'tokens': jnp.asarray(np.repeat(tokens, reps, 0)),
+            'mask': jnp.asarray(np.repeat(mask, reps, 0))}
+    return lambda x, s: fn(x, s, cond)
+
+  def verifier(x0):
+    lab = np.repeat(labels, x0.shape[0] // len(labels))
+    return jnp.asarray(score(np.asarray(to_unit(x0)), lab))
+
+  x_init = rollout_lib.initial_noise(key, (len(prompts) * n,) + tuple(image_shape))
+  if method == 'sop':
+    res = search.search_over_paths(lambda reps: velocity_for(n * reps), x_init, sigmas, verifier,
+                                   jax.random.fold_in(key, 1), n=n, m=m, delta_f=delta_f,
+                                   every=every)
+  elif method == 'bon':
+    res = search.best_of_n(velocity_for(n), x_init, jnp.asarray(sigmas), verifier, n)
+  else:
+    raise ValueError(f'search method {method!r} is not one of (bon, sop).')
+  return np.asarray(to_unit(res.x0), np.float32), labels, prompts, int(res.model_calls)
