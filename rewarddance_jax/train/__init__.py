@@ -4,6 +4,7 @@ import importlib
 
 TRAINERS = {
     'flow': 'rewarddance_jax.train.flow',
+    'latent_reward': 'rewarddance_jax.train.latent_reward',
 }
 
 
