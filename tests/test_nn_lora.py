@@ -24,20 +24,22 @@ def _fast_compiles():
   jax.config.update('jax_disable_most_optimizations', old)
 
 
+def _normal(shape, seed, scale=1.0):
+  """numpy-drawn values (no eager JAX random ops: nothing to compile)."""
+  return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 def _toy():
-  k = jax.random.split(jax.random.key(0), 3)
-  return {'enc': {'attn': {'q': {'kernel': jax.random.normal(k[0], (4, 6)),
-                                 'bias': jnp.zeros(6)},
-                           'out': {'kernel': jax.random.normal(k[1], (6, 4))}},
-                  'mlp': {'kernel': jax.random.normal(k[2], (4, 4))}}}
+  return {'enc': {'attn': {'q': {'kernel': _normal((4, 6), 0), 'bias': jnp.zeros(6)},
+                           'out': {'kernel': _normal((6, 4), 1)}},
+                  'mlp': {'kernel': _normal((4, 4), 2)}}}
 
 
-def _randomise_b(lora, key):
-  leaves, tree = jax.tree_util.tree_flatten_with_path(lora)
-  keys = jax.random.split(key, len(leaves))
+def _randomise_b(lora, seed):
+  leaves = jax.tree_util.tree_flatten_with_path(lora)[0]
   return jax.tree.unflatten(jax.tree.structure(lora), [
-      jax.random.normal(kk, x.shape) if path[-1].key == 'b' else x
-      for kk, (path, x) in zip(keys, leaves)])
+      _normal(x.shape, seed + i) if path[-1].key == 'b' else x
+      for i, (path, x) in enumerate(leaves)])
 
 
 def test_init_is_identity_and_merge_matches_hand_computation():
@@ -50,7 +52,7 @@ def test_init_is_identity_and_merge_matches_hand_computation():
   merged = lora_lib.merge(params, lora, lora_lib.lora_scale(2, 4))
   jax.tree.map(np.testing.assert_array_equal, merged, params)
   assert merged['enc']['mlp']['kernel'] is params['enc']['mlp']['kernel']   # untouched: shared
-  lora = _randomise_b(lora, jax.random.key(2))
+  lora = _randomise_b(lora, 20)
   merged = lora_lib.merge(params, lora, 2.0)
   ab = lora['enc']['attn']['out']['kernel']
   want = np.asarray(params['enc']['attn']['out']['kernel']) + 2.0 * np.asarray(ab['a']) @ np.asarray(
@@ -62,8 +64,8 @@ def test_init_is_identity_and_merge_matches_hand_computation():
 def test_grads_reach_a_and_b_only():
   params = _toy()
   lora = _randomise_b(lora_lib.init_lora(params, rank=3, alpha=3, targets=r'.*q/kernel',
-                                         key=jax.random.key(1)), jax.random.key(2))
-  c = jax.random.normal(jax.random.key(3), (4, 6))
+                                         key=jax.random.key(1)), 20)
+  c = _normal((4, 6), 3)
 
   def loss(lora, params):   # linear in the merged kernel: dL/dW = c
     return jnp.sum(lora_lib.merge(params, lora, 0.5)['enc']['attn']['q']['kernel'] * c)
@@ -79,13 +81,10 @@ def test_grads_reach_a_and_b_only():
 def _generator(scan):
   cfg = generator_config(model_preset('tiny', depth_double=2, depth_single=2, scan_layers=scan))
   with nnx.use_eager_sharding(False):
-    model = Generator(cfg, rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(model)
-  params = nnx.to_pure_dict(state)
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  return graphdef, jax.tree.unflatten(
-      tree, [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Generator(cfg, rngs=nnx.Rngs(0))))
+  leaves, tree = jax.tree.flatten(nnx.to_pure_dict(state))
+  return graphdef, jax.tree.unflatten(tree, [_normal(x.shape, i, 0.2)
+                                             for i, x in enumerate(leaves)])
 
 
 def test_scanned_mmdit_tree():
@@ -98,13 +97,13 @@ def test_scanned_mmdit_tree():
   assert blocks['double_blocks']['txt_out']['kernel']['b'].shape == (2, 4, 32)
   assert set(blocks['single_blocks']) == {'attn', 'attn_out'}       # not mlp_in / mlp_out
   assert lora_lib.count_params(lora) == 2 * 8 * 4 * 64 + 2 * 4 * 4 * 64
-  x = jax.random.normal(jax.random.key(3), (2, 16, 16, 1))
+  x = _normal((2, 16, 16, 1), 99)
   cond = {'tokens': jnp.arange(12).reshape(2, 6) % 40, 'mask': jnp.ones((2, 6), bool)}
   run = jax.jit(lambda p, lo: nnx.merge(graphdef, lora_lib.merge(p, lo, 2.0))(x, 0.4, cond))
   zeros = jax.tree.map(jnp.zeros_like, lora)    # one compiled function for every comparison
   base = run(params, zeros)
   np.testing.assert_array_equal(run(params, lora), base)
-  lora = _randomise_b(lora, jax.random.key(4))
+  lora = _randomise_b(lora, 40)
   # Hand-merge layer 1's image q kernel only: the output must move, and match the tree merge.
   one = jax.tree.map(jnp.zeros_like, lora)
   one['transformer']['double_blocks']['img_attn']['q']['kernel'] = lora['transformer'][
