@@ -1,4 +1,4 @@
-"""Latent reward trainer: sharded step == single device, only LoRA + head train, pairs, load_reward."""
+"""Latent reward trainer: sharded step == one device, only LoRA + head train, pairs, load_reward."""
 
 import jax
 import ml_collections

@@ -115,7 +115,8 @@ class JsonlPairs:
       raise ValueError(f'pairs batch_size={batch_size} must be a multiple of process_count='
                        f'{process_count}.')
     self._tok, self._max_len, self._seed = tokenizer, max_len, int(seed)
-    self._per_host, self._host, self._hosts = batch_size // process_count, process_index, process_count
+    self._per_host = batch_size // process_count
+    self._host, self._hosts = process_index, process_count
     self._step = 0
 
   def __iter__(self):

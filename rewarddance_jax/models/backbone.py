@@ -3,13 +3,13 @@
 Latent reward models (DiNa-LRM: ALGORITHMS.md §5.2; PAVRM: §6.1) read the generator's own hidden
 states on a noisy latent x_t. `Backbone(gen_cfg, num_blocks=K, layers=(…))`:
   1. `take(params)`: the part of a generator param tree the first K blocks need (text encoder,
-     img/txt/time/vector/guidance embedders, blocks 0..K−1; the later blocks and the output layer are
-     left out). List stacks keep the generator's own arrays (same objects: no copy); scanned stacks
+     img/txt/time/vector/guidance embedders, blocks 0..K−1; the later blocks and the output layer
+     are left out). List stacks keep the generator's own arrays (same objects: no copy); scanned stacks
      are sliced to their first K layers (inside jit: a slice, never a second copy of the model).
   2. `init_lora(params, key)`: the reward's LoRA over `take(params)` (nn/lora.py; shapes only).
   3. `__call__(base, lora, x, σ, cond)`: merges the LoRA into `take(base)` and runs the generator's
-     embedding path exactly as `MMDiT.__call__` does, then blocks 1..K in order (double blocks first,
-     then single blocks), recording the visual and text streams after each block in `layers`
+     embedding path exactly as `MMDiT.__call__` does, then blocks 1..K in order (double blocks
+     first, then single blocks), recording the visual and text streams after each block in `layers`
      (1-based block numbers, DRM's "after blocks 4, 8, 12"). Returns
         {'img': (B, N, W) per layer, 'txt': (B, L, W) per layer, 'temb': (B, W), 'txt_mask': (B, L)}
      with temb = time_in(emb(1000σ)) [+ guidance] + vector_in(pooled), the vector that modulates
@@ -182,6 +182,8 @@ class Backbone:
     cfg = self.gen_cfg.mmdit
     if cfg.scan_layers:
       seg = jax.tree.map(lambda a: a[lo:hi], params)
-      return mmdit._run_stack(nnx.merge(nnx.graphdef(abstract_stack), seg), cfg, hi - lo, carry)  # pylint: disable=protected-access
-    blocks = [nnx.merge(nnx.graphdef(abstract_stack[i]), params[i]) for i in range(lo, hi)]
-    return mmdit._run_stack(blocks, cfg, hi - lo, carry)  # pylint: disable=protected-access
+      stack = nnx.merge(nnx.graphdef(abstract_stack), seg)
+    else:
+      stack = [nnx.merge(nnx.graphdef(abstract_stack[i]), params[i]) for i in range(lo, hi)]
+    # The generator's own stack runner (scan / remat exactly as in the generator).
+    return mmdit._run_stack(stack, cfg, hi - lo, carry)  # pylint: disable=protected-access

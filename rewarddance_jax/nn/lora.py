@@ -22,7 +22,8 @@ Usage (a trainer that tunes only the LoRA):
 Sharding: `lora_shardings(lora, param_shardings)` gives NamedShardings that follow the base kernel
 (a: (..., in-axis, None), b: (..., None, out-axis)); `lora_logical_names(lora, names)` gives the
 logical names ('lora_rank' for r) from the base's, for the rules-based path. Build a sharded LoRA
-directly with `jax.jit(functools.partial(init_lora, ...), out_shardings=lora_shardings(...))(params)`.
+directly with
+`jax.jit(functools.partial(init_lora, ...), out_shardings=lora_shardings(...))(params)`.
 `init_lora` reads only shapes and dtypes, so `params` may be `jax.ShapeDtypeStruct`s.
 `count_params(tree)` counts the trainable numbers of a LoRA (or any) tree.
 """
@@ -167,7 +168,7 @@ def lora_logical_names(lora: Any, base_names: Mapping[tuple, tuple | None]) -> d
 
 
 def lora_shardings(lora: Any, param_shardings: Any) -> dict:
-  """NamedShardings for `lora` that follow the base kernels' (a: (.., in, None), b: (.., None, out))."""
+  """NamedShardings for `lora` following the base kernels': a (.., in, None), b (.., None, out)."""
   out: dict = {}
   for path, ab in _lora_leaves(lora):
     base = _get(param_shardings, path)

@@ -19,8 +19,9 @@ concatenated on the sequence axis (V_ens (B, K·N_v, W), likewise T) before step
 not score averaging. One level is exactly the single-view model.
 
 Losses (pure functions of the two scores, chosen first; y = 1):
-  thurstone           p = Φ((s⁺ − s⁻)/sqrt(2·var(σ) + 1e-6)), var(σ) = k·σ² + σ_u²  (k = 2, σ_u² = 0.05,
-                      the DRM code constants), L = mean(1 − sqrt(p + 1e-6))   (fidelity loss, §5.1)
+  thurstone           p = Φ((s⁺ − s⁻)/sqrt(2·var(σ) + 1e-6)), var(σ) = k·σ² + σ_u²
+                      (k = 2, σ_u² = 0.05, the DRM code constants), L = mean(1 − sqrt(p + 1e-6))
+                      (the fidelity loss, §5.1)
   thurstone-constant  the same with var = 0.5
   bt                  L = mean(−log sigmoid(s⁺ − s⁻))
   bt-margin           L = mean(−log sigmoid(s⁺ − s⁻ − margin)), margin 1

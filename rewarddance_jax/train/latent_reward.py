@@ -11,8 +11,8 @@ PAVRM process reward (`'process'`, rewards/process.py) on a frozen generator bac
   3. Step: σ ~ `config.reward.sigma_sampler` (uniform; optional shift), one ε per pair: chosen and
      rejected share the noise and the level (§5.2, §6.2); scores of both in one batch; loss =
      `preference_loss` (Thurstone family) or `pair_loss` (PAVRM BCE / siamese BT). Optional
-     (`ensemble_weight` > 0, Thurstone only): the same loss on the token-fusion ensemble of the clean
-     pair at `ensemble_sigmas` (independent ε per level, shared within the pair), with the
+     (`ensemble_weight` > 0, Thurstone only): the same loss on the token-fusion ensemble of the
+     clean pair at `ensemble_sigmas` (independent ε per level, shared within the pair), with the
      Thurstone variance of the lowest level (our choice). Metrics: loss, pair accuracy, accuracy per
      kind and per σ bin (5 bins of width 0.2; count-weighted, an empty bin reads 0 with count 0).
   4. Eval hook (`config.eval.every` and at the end): held-out pairs (digits 'heldout' split) scored
