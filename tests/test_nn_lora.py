@@ -123,21 +123,20 @@ def test_shardings_follow_the_base_kernel_and_errors():
   mesh = mesh_lib.create_mesh(ml_collections.ConfigDict(
       dict(axes=('data', 'fsdp', 'tensor'), ici=(2, 2, 2))), jax.devices())
   rules = sharding_lib.DEFAULT_RULES
-  _, (params,), (shardings,) = sharding_lib.sharded_init(
-      lambda: Generator(cfg, rngs=nnx.Rngs(0)), mesh, rules)
-  abstract = jax.eval_shape(lambda p: p, params)
-  lora = lora_lib.init_lora(abstract, rank=4, alpha=4, targets=lora_lib.ATTENTION_TARGETS,
-                            key=jax.random.key(0))
+  _, (state,) = sharding_lib.abstract_state(lambda: Generator(cfg, rngs=nnx.Rngs(0)), mesh, rules)
+  shardings = nnx.to_pure_dict(sharding_lib.state_shardings(state, mesh, rules))
+  params = nnx.to_pure_dict(state)                                # shapes only: nothing allocated
+  lora = jax.eval_shape(lambda: lora_lib.init_lora(
+      params, rank=4, alpha=4, targets=lora_lib.ATTENTION_TARGETS, key=jax.random.key(0)))
   lshard = lora_lib.lora_shardings(lora, shardings)
   q = lshard['transformer']['double_blocks']['img_attn']['q']['kernel']
   assert q['a'].spec == P(None, 'fsdp', None) and q['b'].spec == P(None, None, 'tensor')
   out = lshard['transformer']['double_blocks']['img_out']['kernel']
   assert out['a'].spec == P(None, 'tensor', None) and out['b'].spec == P(None, None, 'fsdp')
-  real = jax.jit(lambda p: lora_lib.init_lora(p, rank=4, alpha=4,
-                                              targets=lora_lib.ATTENTION_TARGETS,
-                                              key=jax.random.key(0)), out_shardings=lshard)(params)
+  real = jax.jit(lambda: lora_lib.init_lora(params, rank=4, alpha=4,
+                                            targets=lora_lib.ATTENTION_TARGETS,
+                                            key=jax.random.key(0)), out_shardings=lshard)()
   assert real['transformer']['double_blocks']['img_attn']['q']['kernel']['a'].sharding == q['a']
-  _, (state,) = sharding_lib.abstract_state(lambda: Generator(cfg, rngs=nnx.Rngs(0)), mesh, rules)
   names = lora_lib.lora_logical_names(lora, sharding_lib.param_logical_names(state))
   assert names[('transformer', 'double_blocks', 'img_attn', 'q', 'kernel', 'a')] == (
       'layers', 'embed', 'lora_rank')
