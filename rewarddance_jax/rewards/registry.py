@@ -38,11 +38,20 @@ def _vlm_yes(name: str, path: str, mode: str = 'pointwise', normalization: str =
   return vlm_export.load_vlm_reward(path, mode, normalization, prompts=table, ref_images=refs,
                                     name=name)
 
+def _latent(name: str, path: str, sigmas=None, output: str = 'sigmoid') -> base.Reward:
+  """A trained latent reward (DiNa-LRM Thurstone or PAVRM process) of a latent_reward run."""
+  from rewarddance_jax.train import latent_reward  # pylint: disable=import-outside-toplevel
+  sigmas = tuple(sigmas) if sigmas is not None else None
+  return latent_reward.load_reward(path, sigmas=sigmas, output=output, name=name)
+
+
 BUILDERS: dict[str, Builder] = {
     'mean_intensity': lambda name: rules.mean_intensity(name=name),
     'digit_prototype': lambda name, split_seed=0: rules.digit_prototype(split_seed, name=name),
     'ink_fraction': lambda name, threshold=0.5: rules.ink_fraction(threshold, name=name),
     'vlm_yes': _vlm_yes,
+    'thurstone': _latent,
+    'process': _latent,
 }
 
 

@@ -6,6 +6,7 @@ TRAINERS = {
     'flow': 'rewarddance_jax.train.flow',
     'grpo': 'rewarddance_jax.train.grpo',
     'vlm_reward': 'rewarddance_jax.train.vlm_reward',
+    'latent_reward': 'rewarddance_jax.train.latent_reward',
     'pipeline': 'rewarddance_jax.train.pipeline',
 }
 
