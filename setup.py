@@ -31,6 +31,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",

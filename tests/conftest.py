@@ -21,3 +21,17 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def fast_compiles():
+  """XLA CPU optimisation passes dominate the compile time of tiny models; skipping them leaves
+  the math unchanged (tests compare with tolerances). Use: pytestmark =
+  pytest.mark.usefixtures('fast_compiles')."""
+  old = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', old)

@@ -10,6 +10,8 @@ from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.flow import rollout as rollout_lib
 from rewarddance_jax.train import common, generate
 
+pytestmark = pytest.mark.usefixtures('fast_compiles')
+
 
 @pytest.fixture(scope='module')
 def tiny():

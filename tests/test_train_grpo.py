@@ -16,6 +16,8 @@ from rewarddance_jax.train import common, grpo as grpo_trainer, grpo_step, optim
 
 G, B = 4, 8
 
+pytestmark = pytest.mark.usefixtures('fast_compiles')
+
 
 def _config(**overrides):
   c = grpo_config.get_config('runlocal')
@@ -97,10 +99,11 @@ def test_sharded_iteration_equals_single_device():
     cfg.mesh.ici = ici
     state, run = _setup(cfg, devices)
     new, m = run(state, jax.random.key(3))
-    out[name] = (jax.device_get(new['params']), float(m['reward_mean']), float(m['loss']))
-  (p_mesh, r_mesh, l_mesh), (p_one, r_one, l_one) = out['mesh'], out['one']
-  np.testing.assert_allclose(r_mesh, r_one, rtol=1e-5)
-  np.testing.assert_allclose(l_mesh, l_one, rtol=1e-4, atol=1e-7)
+    out[name] = (jax.device_get(new['params']), jax.device_get(m))
+  (p_mesh, m_mesh), (p_one, m_one) = out['mesh'], out['one']
+  # The surrogate's value at ρ ≈ 1 is −mean(A) ≈ 0 (rounding noise); its gradient is not.
+  for k in ('reward_mean', 'reward_std', 'adv_abs_mean', 'grad_norm'):
+    np.testing.assert_allclose(m_mesh[k], m_one[k], rtol=1e-4, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p_mesh, p_one)
 
 

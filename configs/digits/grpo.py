@@ -9,7 +9,7 @@ selection=fraction|prefix|window|sliding, runlocal.
 
 import ml_collections
 
-from configs.digits.common import add_runtime
+from configs.digits.common import add_alignment
 from rewarddance_jax.config_lib import parse_arg
 from rewarddance_jax.models.presets import model_preset
 
@@ -37,14 +37,8 @@ def get_config(arg=None):
       clip_range=1e-3, minibatches=2, kl_beta=0.0, rollout_kl=0.0, same_noise=True,
       guidance=0.0, ema_decay=0.0, variance_window=50)
   c.rewards = {arg.reward: dict(weight=1.0)}
-  c.optax = dict(lr=1e-4, schedule='constant', warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
-                 weight_decay=1e-4, grad_clip=1.0)
-  add_runtime(c, samples_every=2 if arg.runlocal else 50, ckpt_every=2 if arg.runlocal else 100,
-              runlocal=arg.runlocal)
+  add_alignment(c, lr=1e-4, steps=arg.steps, runlocal=arg.runlocal)
   if arg.runlocal:
-    c.log_every = 1
-    c.model = model_preset('tiny')
-    c.data.batch_size = 8
     c.grpo.group_size = 4
     c.grpo.num_steps = 4
     c.grpo.variance_window = 4

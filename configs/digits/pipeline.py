@@ -6,7 +6,11 @@
 Stages (each in WORKDIR/<stage>, skipped when finished, resumed when interrupted):
   base        flow-matching pretraining with a short, fixed budget (an under-trained base);
   reward_vlm  the RewardDance VLM reward (tiny InternVL) trained from scratch on real digits;
+  reward_thurstone, reward_process
+              the DiNa-LRM Thurstone reward and the PAVRM process reward on the base's own blocks;
   grpo_vlm    GRPO of a copy of the base with the VLM reward (P("yes"), pointwise);
+  grpo_thurstone  GRPO with the Thurstone latent reward;
+  prfl        PRFL with the process reward on noisy latents (+ flow matching on real digits);
 then the evaluation: judge accuracy, reward mean/std, best-of-N and Search over Paths at equal
 model calls, sample grids and curves → WORKDIR/report.md.
 """
@@ -17,26 +21,41 @@ from rewarddance_jax.config_lib import parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, seed=0, base_steps=450, rm_steps=800, grpo_steps=120, smoke=False)
+  arg = parse_arg(arg, seed=0, base_steps=450, rm_steps=800, latent_steps=400, grpo_steps=120,
+                  prfl_steps=150, smoke=False)
   # smoke: every stage on the tiny runlocal configs (a minute or two; for tests).
   local = 'runlocal,' if arg.smoke else ''
   if arg.smoke:
-    arg.base_steps, arg.rm_steps, arg.grpo_steps = 4, 4, 2
+    arg.base_steps, arg.rm_steps, arg.latent_steps, arg.grpo_steps, arg.prfl_steps = 4, 4, 4, 2, 2
   c = ml_collections.ConfigDict()
   c.trainer = 'pipeline'
   c.seed = arg.seed
   no_samples = {'samples': {'every': 0}}
-  c.order = ('base', 'reward_vlm', 'grpo_vlm')
+  c.order = ('base', 'reward_vlm', 'reward_thurstone', 'reward_process', 'grpo_vlm',
+             'grpo_thurstone', 'prfl')
   c.stages = {
       'base': dict(config='configs.digits.flow', arg=f'{local}steps={arg.base_steps}',
                    overrides=dict(no_samples, ckpt={'every': 10_000})),
       'reward_vlm': dict(config='configs.digits.reward_vlm', arg=f'{local}steps={arg.rm_steps}'),
+      'reward_thurstone': dict(config='configs.digits.reward_thurstone', needs=['base'],
+                               arg=f'{local}base={{base}},steps={arg.latent_steps}'),
+      'reward_process': dict(config='configs.digits.reward_process', needs=['base'],
+                             arg=f'{local}base={{base}},steps={arg.latent_steps}'),
       'grpo_vlm': dict(
           config='configs.digits.grpo', arg=f'{local}init={{base}},steps={arg.grpo_steps}',
           needs=['base', 'reward_vlm'],
           overrides=no_samples,
           replace={'rewards': {'vlm': dict(kind='vlm_yes', path='{reward_vlm}/reward_model',
                                            mode='pointwise', normalization='two_way')}}),
+      'grpo_thurstone': dict(
+          config='configs.digits.grpo', arg=f'{local}init={{base}},steps={arg.grpo_steps}',
+          needs=['base', 'reward_thurstone'], overrides=no_samples,
+          replace={'rewards': {'thurstone': dict(kind='thurstone',
+                                                 path='{reward_thurstone}',
+                                                 sigmas=(0.2, 0.5, 0.7))}}),
+      'prfl': dict(
+          config='configs.digits.prfl', needs=['base', 'reward_process'], overrides=no_samples,
+          arg=f'{local}init={{base}},steps={arg.prfl_steps},reward_path={{reward_process}}'),
   }
   # The yardstick reward of the report: the trained VLM reward, pointwise.
   c.evaluate = dict(per_class=2 if arg.smoke else 20, sop_n=4, sop_m=2, sop_delta_f=0.1, sop_every=4,

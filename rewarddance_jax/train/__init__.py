@@ -7,6 +7,7 @@ TRAINERS = {
     'grpo': 'rewarddance_jax.train.grpo',
     'vlm_reward': 'rewarddance_jax.train.vlm_reward',
     'latent_reward': 'rewarddance_jax.train.latent_reward',
+    'prfl': 'rewarddance_jax.train.prfl',
     'pipeline': 'rewarddance_jax.train.pipeline',
 }
 

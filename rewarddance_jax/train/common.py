@@ -76,3 +76,31 @@ def restore_generator(directory: str, params, shardings, *, use_ema: bool = Fals
       item = 'ema'
     restored = ckpt.restore(step, arrays={item: ckpt_lib.abstract_like(params, shardings)})
   return restored[item]
+
+
+def init_policy(config, mesh, rules):
+  """The generator to align: (graphdef, params, shardings), restored from `config.init.generator`
+  (a flow or alignment run's workdir) when set, else freshly initialised (with a warning)."""
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  graphdef, params, pshard, _ = build_generator(config, mesh, rules)
+  init = config.get('init', {}).get('generator', '')
+  if init:
+    params = restore_generator(init, params, pshard,
+                               use_ema=bool(config.init.get('use_ema', False)))
+    logging.info('Starting from the generator in %s.', init)
+  else:
+    logging.warning('config.init.generator is empty: starting from a random generator.')
+  return graphdef, params, pshard
+
+
+def policy_state(params, pshard, tx, mesh, ema_decay: float) -> tuple[dict, dict]:
+  """(state, shardings) of a trained generator: params, optimizer state, EMA if ema_decay > 0."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from rewarddance_jax.train import optim  # pylint: disable=import-outside-toplevel
+  opt_shard = optim.opt_state_shardings(tx, params, pshard, mesh)
+  state = {'params': params, 'opt_state': jax.jit(tx.init, out_shardings=opt_shard)(params)}
+  shardings = {'params': pshard, 'opt_state': opt_shard}
+  if ema_decay > 0:
+    state['ema'] = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=pshard)(params)
+    shardings['ema'] = pshard
+  return state, shardings

@@ -17,7 +17,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rewarddance_jax.data import digits, pipeline, prompts as prompts_lib
@@ -51,13 +50,9 @@ def digits_host_batch(batch: dict) -> dict:
 
 
 def build_state(config, params, pshard, tx, mesh, batch_size: int, gcfg) -> tuple[dict, dict]:
-  """(state, shardings): params, optimizer, optional EMA, iteration, reward window."""
-  opt_shard = optim.opt_state_shardings(tx, params, pshard, mesh)
-  state = {'params': params, 'opt_state': jax.jit(tx.init, out_shardings=opt_shard)(params)}
-  shardings = {'params': pshard, 'opt_state': opt_shard}
-  if gcfg.ema_decay > 0:
-    state['ema'] = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=pshard)(params)
-    shardings['ema'] = pshard
+  """(state, shardings): params, optimizer, optional EMA, and 'rl' (iteration, reward window)."""
+  del config
+  state, shardings = common.policy_state(params, pshard, tx, mesh, gcfg.ema_decay)
   replicated = NamedSharding(mesh, P())
   rl = grpo_step.init_rl_state(gcfg, batch_size)
   state['rl'] = jax.device_put(rl, replicated)
@@ -73,14 +68,7 @@ def train(config, workdir: str) -> dict:
     raise ValueError(f'config.data.batch_size={batch_size} must be divisible by '
                      f'grpo.group_size={gcfg.group_size} and grpo.minibatches={gcfg.minibatches}.')
   tok = common.digits_tokenizer(workdir, config.model.get('vocab_size'))
-  graphdef, params, pshard, _ = common.build_generator(config, mesh, rules)
-  init = config.get('init', {}).get('generator', '')
-  if init:
-    params = common.restore_generator(init, params, pshard,
-                                      use_ema=bool(config.init.get('use_ema', False)))
-    logging.info('GRPO starts from the generator in %s.', init)
-  else:
-    logging.warning('config.init.generator is empty: GRPO starts from a random generator.')
+  graphdef, params, pshard = common.init_policy(config, mesh, rules)
 
   tx = optim.make_optimizer(config.optax)
   state, shardings = build_state(config, params, pshard, tx, mesh, batch_size, gcfg)
