@@ -29,7 +29,7 @@ def get_config(arg=None):
   # 4 prompts × G = 8 rollouts per iteration.
   c.data = dict(batch_size=32, max_text_len=8, prompts='')
   c.grpo = dict(
-      group_size=8, step_kind='dance', noise_level=0.7, schedule='linear', num_steps=10,
+      group_size=8, step_kind='dance', noise_level=0.3, schedule='linear', num_steps=10,
       shift=1.0,
       selection=dict(kind=arg.selection, fraction=0.6, window=3, window_range=(0, 0),
                      iters_per_group=25, max_start=-1),

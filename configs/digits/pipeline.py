@@ -21,7 +21,7 @@ from rewarddance_jax.config_lib import parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, seed=0, base_steps=450, rm_steps=800, latent_steps=400, grpo_steps=120,
+  arg = parse_arg(arg, seed=0, base_steps=600, rm_steps=800, latent_steps=400, grpo_steps=120,
                   prfl_steps=150, smoke=False)
   # smoke: every stage on the tiny runlocal configs (a minute or two; for tests).
   local = 'runlocal,' if arg.smoke else ''
