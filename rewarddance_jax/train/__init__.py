@@ -6,6 +6,8 @@ TRAINERS = {
     'flow': 'rewarddance_jax.train.flow',
     'grpo': 'rewarddance_jax.train.grpo',
     'vlm_reward': 'rewarddance_jax.train.vlm_reward',
+    'refl': 'rewarddance_jax.train.refl',
+    'r0': 'rewarddance_jax.train.r0',
 }
 
 
