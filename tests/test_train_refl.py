@@ -26,6 +26,7 @@ def _config(**overrides):
   c.data.batch_size = B
   c.refl.update(num_steps=4, fm_weight=0.0)
   c.rewards = {'mean_intensity': {'weight': 1.0}}
+  c.optax.lr = 3e-2   # a big step, so a few steps of a tiny model show the trend clearly
   for k, v in overrides.items():
     sec, _, key = k.rpartition('.')
     (c[sec] if sec else c)[key] = v
@@ -49,13 +50,14 @@ def test_refl_losses_and_late_steps_by_hand():
 
 
 def test_win_counts_rank_by_wins_then_preference():
-  # pref[i, j] = P(j better than i). Candidate 2 beats both others; 0 beats 1 once, 1 beats 0 once
-  # (a tie in wins) but 1 has the larger summed preference.
+  # pref[i, j] = P(j better than i) (column j: candidate j as the generated image). Candidate 2
+  # wins both of its comparisons; 0 and 1 win one each (a tie in wins), and 1 has the larger
+  # summed preference (1.0 against 0.65).
   pref = np.array([[0.0, 0.6, 0.9],
-                   [0.45, 0.0, 0.8],
+                   [0.55, 0.0, 0.8],
                    [0.1, 0.4, 0.0]])
   s = refl_trainer.win_counts(pref)
-  np.testing.assert_allclose(s, [1 + 0.55 / 4, 1 + 1.0 / 4, 2 + 1.7 / 4])
+  np.testing.assert_allclose(s, [1 + 0.65 / 4, 1 + 1.0 / 4, 2 + 1.7 / 4])
   assert list(np.argsort(-s)) == [2, 1, 0]
 
 
@@ -66,18 +68,22 @@ def step_setup():
   rules_ = sharding_lib.rules_from_config(config.sharding_rules)
   rcfg = refl_trainer.ReFLConfig.from_config(config.refl)
   graphdef, params, pshard, _ = common.build_generator(config, mesh, rules_)
-  config.optax.lr = 3e-2
   tx = optim.make_optimizer(config.optax)
   state, shard = refl_trainer.build_state(params, pshard, tx, mesh, 0.0)
   step = refl_trainer.make_refl_step(graphdef, tx, rcfg, grpo.IMAGE_SHAPE,
                                      decode=grpo.decode_unit)
   rng = np.random.default_rng(0)
   batch = sharding_lib.host_to_global(
-      {'tokens': rng.integers(4, 40, size=(B, 8)).astype(np.int32),
-       'mask': np.ones((B, 8), bool), 'labels': np.arange(B, dtype=np.int32) % 10}, mesh, rules_)
+      {'images': rng.uniform(size=(B,) + grpo.IMAGE_SHAPE).astype(np.float32),
+       'labels': np.arange(B, dtype=np.int32) % 10,
+       'tokens': rng.integers(4, 40, size=(B, 8)).astype(np.int32),
+       'mask': np.ones((B, 8), bool)}, mesh, rules_)
   consts = {'rewards': base.WeightedRewards([(rules.mean_intensity(), 1.0)])}
+  # Jitted as the loop does (same shardings and donation): the trainer runs of the resume test
+  # then compile the same program and hit the persistent compilation cache (conftest.py).
   with common.mesh_context(mesh, rules_):
-    fn = jax.jit(step, in_shardings=(shard, None, None, None), out_shardings=(shard, None))
+    fn = jax.jit(step, in_shardings=(shard, None, None, None), out_shardings=(shard, None),
+                 donate_argnums=(0,))
 
   def run(state, key):
     with common.mesh_context(mesh, rules_):
@@ -89,8 +95,9 @@ def step_setup():
 def test_gradient_reaches_generator_and_reward_rises(step_setup):
   state, run = step_setup
   p0 = jax.device_get(state['params'])
+  state = jax.tree.map(jnp.copy, state)   # the step donates its input
   rewards = []
-  for it in range(10):
+  for it in range(6):
     state, m = run(state, jax.random.key(it))
     m = jax.device_get(m)
     if it == 0:
@@ -99,25 +106,25 @@ def test_gradient_reaches_generator_and_reward_rises(step_setup):
       assert float(m['grad_norm']) > 1e-6
       assert float(m['mid_step']) == 3.0   # the last quarter of 4 steps
       np.testing.assert_allclose(float(m['loss']), -float(m['reward_mean']), rtol=1e-6)
+      # Seed-to-seed noise of a batch mean: the per-sample spread over sqrt(B).
+      margin = max(0.1, 3 * float(m['reward_std']) / np.sqrt(B))
     rewards.append(float(m['reward_mean']))
   moved = max(float(np.max(np.abs(a - b))) for a, b in
               zip(jax.tree.leaves(jax.device_get(state['params'])), jax.tree.leaves(p0)))
   assert moved > 1e-3
-  assert int(state['rl']['iteration']) == 10
-  # The spread of rewards over the first steps (different noises) is the seed-to-seed noise.
-  noise = np.std(rewards[:3])
-  assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + max(0.05, 3 * noise), rewards
+  assert int(state['rl']['iteration']) == 6
+  assert np.mean(rewards[-3:]) > rewards[0] + margin, rewards
 
 
 def test_trainer_resume_equals_uninterrupted(tmp_path):
-  cfg = _config(total_steps=3, **{'refl.fm_weight': 1.0})
+  cfg = _config(total_steps=3)
   cfg.ckpt.every = 2
   refl_trainer.train(cfg, str(tmp_path / 'straight'))
-  half = _config(total_steps=2, **{'refl.fm_weight': 1.0})
+  half = _config(total_steps=2)
   half.ckpt.every = 2
   refl_trainer.train(half, str(tmp_path / 'resumed'))
   refl_trainer.train(cfg, str(tmp_path / 'resumed'))
-  key = lambda ms: {m['step']: (m['loss'], m['reward_mean'], m['fm_loss'])
+  key = lambda ms: {m['step']: (m['loss'], m['reward_mean'], m['grad_norm'])
                     for m in ms if 'loss' in m}
   straight = key(metrics_lib.read_metrics(str(tmp_path / 'straight')))
   resumed = key(metrics_lib.read_metrics(str(tmp_path / 'resumed')))
