@@ -110,7 +110,7 @@ def test_r0_gradient_through_k_steps_raises_rewards():
 def test_r0_plus_supervises_a_random_step():
   state, run = _setup(plus=True, lr=1e-2)
   seen = set()
-  for it in range(6):
+  for it in range(5):
     state, m = run(state, jax.random.key(it))
     m = jax.device_get(m)
     assert float(m['skipped']) == 0 and float(m['grad_norm']) > 1e-6

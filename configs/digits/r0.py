@@ -24,7 +24,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.trainer = 'r0'
   c.seed = 0
-  c.total_steps = arg.steps or (4 if arg.runlocal else 150)
+  c.total_steps = arg.steps or (4 if arg.runlocal else 100)
   c.log_every = 10
   c.max_nonfinite = 10
 

@@ -6,7 +6,8 @@ Launch (after pretraining a base with configs/digits/flow.py):
 With the trained VLM reward (configs/digits/reward_vlm.py), pairwise against a best-of-N reference:
   ...refl.py:init=/tmp/digits_flow,reward=vlm_yes,reward_path=/tmp/digits_rm/reward_model
 Options after the colon: init=<base workdir>, steps=<steps>, reward=<reward kind>,
-reward_path=<VLM reward dir>, mode=pairwise|pointwise (vlm_yes), lr=<lr>, fm_weight=<w>, runlocal.
+reward_path=<VLM reward dir>, mode=pairwise|pointwise (vlm_yes), lr=<lr>, fm_weight=<w>,
+scale=<λ of the linear ReFL loss>, runlocal.
 """
 
 import ml_collections
@@ -18,11 +19,11 @@ from rewarddance_jax.models.presets import model_preset
 
 def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False, init='', steps=0, reward='digit_prototype', reward_path='',
-                  mode='pairwise', lr=1e-3, fm_weight=1.0, model='digits')
+                  mode='pairwise', lr=1e-3, fm_weight=1.0, scale=1.0, model='digits')
   c = ml_collections.ConfigDict()
   c.trainer = 'refl'
   c.seed = 0
-  c.total_steps = arg.steps or (4 if arg.runlocal else 150)
+  c.total_steps = arg.steps or (4 if arg.runlocal else 100)
   c.log_every = 10
   c.max_nonfinite = 10
 
@@ -31,7 +32,7 @@ def get_config(arg=None):
   c.data = dict(batch_size=32, max_text_len=8)
   # The judge's sampler grid (20 linear Euler steps); the gradient step is in the last 25%.
   c.refl = dict(num_steps=20, schedule='linear', shift=1.0, late_fraction=0.25, loss='linear',
-                scale=1.0, target=2.0, fm_weight=arg.fm_weight, guidance=0.0, ema_decay=0.0,
+                scale=arg.scale, target=2.0, fm_weight=arg.fm_weight, guidance=0.0, ema_decay=0.0,
                 reference_n=16, reference_top=2)
   if arg.reward == 'vlm_yes':
     if not arg.reward_path:
