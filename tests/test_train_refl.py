@@ -141,3 +141,11 @@ def test_bad_config_is_one_clear_error(tmp_path):
   cfg.rewards = {'ink_fraction': {'weight': 1.0}}
   with pytest.raises(ValueError, match='differentiable rewards.*ink_fraction'):
     refl_trainer.train(cfg, str(tmp_path))
+
+
+def test_sample_references_draws_one_of_the_labels_top_t():
+  refs = np.arange(10 * 2, dtype=np.float32).reshape(10, 2, 1, 1, 1)   # value = 2·label + rank
+  labels = jnp.asarray([3, 3, 7, 0] * 8, jnp.int32)
+  out = np.asarray(refl_trainer.sample_references(jnp.asarray(refs), labels, jax.random.key(0)))
+  rank = out[:, 0, 0, 0] - 2 * np.asarray(labels)
+  assert set(rank.tolist()) == {0.0, 1.0}   # both of the top 2 are drawn, nothing else

@@ -6,7 +6,9 @@
      every ordered pair (i, j) scored as P(j better than i | ref = i, generated = j), candidates
      ranked by win count (P > 0.5; ties by the summed P), the top `reference_top` per prompt
      written best first to `workdir/refl_reference.npz` (a samples file, reused when present) and
-     passed to the reward as `ref_images` (the reward reads the first image per label: the best).
+     loaded as consts['ref_images'] (10, T, ...): each step draws one of its label's top T per row
+     as batch['ref_pixels'] (§9 #18: Top-2, one sampled per step); the reward also gets the file
+     as `ref_images` (top-1) for scoring outside the step.
   3. Data: digits training batches (images, labels, prompt tokens): the prompts drive the
      rollout, the images the optional flow-matching regulariser.
   4. The step (pure, jitted once by the loop, state donated), per batch:
@@ -116,7 +118,8 @@ def make_refl_step(graphdef, tx: optax.GradientTransformation, rcfg: ReFLConfig,
                    image_shape: tuple[int, ...], *, decode, image_seq_len: int | None = None):
   """The pure ReFL step `(state, batch, key, consts) -> (state, metrics)` (module docstring).
 
-  consts = {'rewards': WeightedRewards}. The batch holds 'tokens', 'mask' (the prompts),
+  consts = {'rewards': WeightedRewards, 'ref_images': None or (10, T, H, W, C) best-of-N
+  references (one of a label's T drawn per row per step → batch['ref_pixels']). The batch holds 'tokens', 'mask' (the prompts),
   'labels' (for digit rewards) and, when fm_weight > 0, 'images' in [0, 1].
   """
   sigmas_np = rcfg.sigmas(image_seq_len)
@@ -143,10 +146,14 @@ def make_refl_step(graphdef, tx: optax.GradientTransformation, rcfg: ReFLConfig,
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state, batch, key, consts):
-    keys = dict(zip(('mid', 'noise', 'reward', 'fm_sigma', 'fm_noise'), jax.random.split(key, 5)))
+    keys = dict(zip(('mid', 'noise', 'reward', 'fm_sigma', 'fm_noise', 'ref'),
+                    jax.random.split(key, 6)))
     rewards = consts['rewards']
     cond = grpo_step.cond_from_batch(batch)
     b = jax.tree.leaves(cond)[0].shape[0]
+    if consts.get('ref_images') is not None:
+      batch = dict(batch, ref_pixels=sample_references(consts['ref_images'], batch['labels'],
+                                                       keys['ref']))
     sigmas = jnp.asarray(sigmas_np)
     mid = refl_lib.sample_step(keys['mid'], lo, hi)
     x_init = jax.random.normal(keys['noise'], (b,) + tuple(image_shape), jnp.float32)
@@ -171,6 +178,32 @@ def make_refl_step(graphdef, tx: optax.GradientTransformation, rcfg: ReFLConfig,
     return new, metrics
 
   return step
+
+
+def sample_references(ref_images: jax.Array, labels: jax.Array, key: jax.Array) -> jax.Array:
+  """(B, H, W, C): for each row one of the top-T references of its label, uniformly.
+
+  ref_images is (P, T, H, W, C), best first. One-hot contractions instead of a gather, so a
+  replicated table indexed by batch-sharded labels shards on the batch (see rules.digit_prototype).
+  """
+  p, t = ref_images.shape[:2]
+  pick = jax.random.randint(key, labels.shape, 0, t)
+  w = (jax.nn.one_hot(labels, p, dtype=jnp.float32)[:, :, None]
+       * jax.nn.one_hot(pick, t, dtype=jnp.float32)[:, None, :])
+  return jnp.einsum('bpt,pthwc->bhwc', w, ref_images)
+
+
+def load_references(path: str, top: int) -> np.ndarray:
+  """(10, top, H, W, C) from a reference samples file written by `build_reference`."""
+  loaded = samples_lib.load_samples(path)
+  out = []
+  for label in range(10):
+    rows = np.flatnonzero(loaded['labels'] == label)[:top]
+    if len(rows) < top:
+      raise ValueError(f'{path}: {len(rows)} reference image(s) for label {label}, need {top} '
+                       f'(refl.reference_top); delete the file to rebuild it.')
+    out.append(loaded['images'][rows])
+  return np.stack(out).astype(np.float32)
 
 
 def build_state(params, pshard, tx, mesh, ema_decay: float) -> tuple[dict, dict]:
@@ -273,10 +306,13 @@ def train(config, workdir: str) -> dict:
     logging.warning('config.init.generator is empty: ReFL starts from a random generator.')
 
   rewards_cfg = {k: dict(v) for k, v in dict(config.rewards).items()}
+  ref_images = None
   for name in pairwise_reward_entries(config):
     with common.mesh_context(mesh, rules):
-      rewards_cfg[name]['ref_images'] = build_reference(config, rcfg, workdir, graphdef, params,
-                                                        tok, name)
+      path = build_reference(config, rcfg, workdir, graphdef, params, tok, name)
+    rewards_cfg[name]['ref_images'] = path   # top-1, for scoring outside the step (the hook)
+    ref_images = jax.device_put(load_references(path, rcfg.reference_top),
+                                NamedSharding(mesh, P()))
   rewards = registry.build_rewards(rewards_cfg)
   if not rewards.differentiable:
     raise ValueError(f'ReFL needs differentiable rewards; config.rewards has '
@@ -284,7 +320,7 @@ def train(config, workdir: str) -> dict:
 
   tx = optim.make_optimizer(config.optax)
   state, shardings = build_state(params, pshard, tx, mesh, rcfg.ema_decay)
-  consts = {'rewards': rewards}
+  consts = {'rewards': rewards, 'ref_images': ref_images}
   data_iter = pipeline.digits_train_iter(batch_size, seed=int(config.seed), tokenizer=tok,
                                          max_len=int(config.data.max_text_len))
 
