@@ -24,7 +24,7 @@ def _config(**overrides):
   c.mesh.num_devices = 1
   c.mesh.ici = (1, 1, 1)
   c.data.batch_size = B
-  c.refl.update(num_steps=4, fm_weight=0.0)
+  c.refl.update(num_steps=4, fm_weight=0.0, scale=1.0)
   c.rewards = {'mean_intensity': {'weight': 1.0}}
   c.optax.lr = 3e-2   # a big step, so a few steps of a tiny model show the trend clearly
   for k, v in overrides.items():

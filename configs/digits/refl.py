@@ -19,7 +19,7 @@ from rewarddance_jax.models.presets import model_preset
 
 def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False, init='', steps=0, reward='digit_prototype', reward_path='',
-                  mode='pairwise', lr=1e-3, fm_weight=1.0, scale=1.0, model='digits')
+                  mode='pairwise', lr=1e-3, fm_weight=1.0, scale=5.0, model='digits')
   c = ml_collections.ConfigDict()
   c.trainer = 'refl'
   c.seed = 0
@@ -31,6 +31,9 @@ def get_config(arg=None):
   c.init = dict(generator=arg.init, use_ema=False)
   c.data = dict(batch_size=32, max_text_len=8)
   # The judge's sampler grid (20 linear Euler steps); the gradient step is in the last 25%.
+  # scale: §9 #18's λ = 1e-3 is for P(yes) ∈ [0, 1] on a large model; the digit_prototype reward
+  # is a small MSE (≈ −0.05) against the FM regulariser (weight 1), so the digits use λ = 5
+  # (measured: judge 0.20 → 0.52 in 100 steps; λ = 1 gives 0.32, lr 3e-3 diverges).
   c.refl = dict(num_steps=20, schedule='linear', shift=1.0, late_fraction=0.25, loss='linear',
                 scale=arg.scale, target=2.0, fm_weight=arg.fm_weight, guidance=0.0, ema_decay=0.0,
                 reference_n=16, reference_top=2)
