@@ -9,6 +9,8 @@ TRAINERS = {
     'latent_reward': 'rewarddance_jax.train.latent_reward',
     'prfl': 'rewarddance_jax.train.prfl',
     'pipeline': 'rewarddance_jax.train.pipeline',
+    'refl': 'rewarddance_jax.train.refl',
+    'r0': 'rewarddance_jax.train.r0',
 }
 
 

@@ -1,0 +1,203 @@
+"""R0 regularised reward maximisation of a few-step generator (`trainer: r0`; ALGORITHMS.md §7, §9 #27).
+
+  1. Mesh, rules, the generator restored from `config.init.generator` (the pretrained base); a
+     frozen copy θ0 of it is the L2 anchor (a const, not checkpointed).
+  2. Data: prompts only (R0 trains without images): the digit prompts (or `config.data.prompts`),
+     with 'labels' for the digit rewards.
+  3. The step (pure, jitted once by the loop, state donated):
+     a. g_θ is K DDIM-η steps on `r0.sigmas` (K = 4): from z ~ N(0, I),
+        x_{k+1} = (1 − σ_{k+1})·x̂0_k + σ_{k+1}·(sqrt(1 − η²)·ε̂_k + η·ξ_k) (`flow/ddim.py`), with a
+        fresh η ~ U(0, eta_max) per step and sample (§7 regulariser b); σ_K = 0, so the last step
+        returns x̂0;
+     b. full mode: backpropagate through all K steps (each step rematerialised when `remat`);
+        R0+ (`plus: True`): k ~ U{0..K−1}, steps 0..k−1 without gradient, then x̂0 = x_k − σ_k·v_θ
+        with the gradient (intermediate supervision with stop-gradient through earlier steps);
+     c. per-reward gradient normalisation in x̂0 space (`rl.r0.normalized_direction`; for the
+        digits x̂0 space is pixel space up to the affine decode), the surrogate −⟨d, x̂0⟩ plus
+        λ·‖θ − θ0‖² (`rl.r0`);
+     d. AdamW, optional EMA; a non-finite loss or gradient leaves the state unchanged.
+  4. Hook every `config.samples.every` steps: ODE samples (set `config.sampler` to the K-step grid:
+     DDIM with η = 0 is the Euler step), the judge's accuracy and the configured reward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from rewarddance_jax.data import pipeline
+from rewarddance_jax.flow import ddim, schedules, steps
+from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.rewards import registry
+from rewarddance_jax.rl import ema as ema_lib
+from rewarddance_jax.rl import r0 as r0_lib
+from rewarddance_jax.train import common, generate, grpo, grpo_step, loop as loop_lib, optim
+from rewarddance_jax.train import refl as refl_trainer
+
+IMAGE_SHAPE = grpo.IMAGE_SHAPE
+
+
+@dataclasses.dataclass(frozen=True)
+class R0Config:
+  """Static R0 settings (from `config.r0`; ALGORITHMS.md §7, §9 #27)."""
+  num_steps: int = 4
+  schedule: str = 'linear'
+  shift: float = 1.0
+  eta_max: float = 1.0
+  l2_weight: float = 1e-3
+  norm_eps: float = 1e-8
+  plus: bool = False
+  remat: bool = True
+  guidance: float = 0.0
+  ema_decay: float = 0.0
+
+  def __post_init__(self):
+    if self.num_steps < 1:
+      raise ValueError(f'r0.num_steps must be >= 1, got {self.num_steps}.')
+    if not 0.0 <= self.eta_max <= 1.0:
+      raise ValueError(f'r0.eta_max must be in [0, 1], got {self.eta_max}.')
+    if self.l2_weight < 0:
+      raise ValueError(f'r0.l2_weight must be >= 0, got {self.l2_weight}.')
+
+  @classmethod
+  def from_config(cls, cfg) -> 'R0Config':
+    cfg = dict(cfg)
+    unknown = set(cfg) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f'config.r0 has unknown key(s) {sorted(unknown)}.')
+    return cls(**cfg)
+
+  def sigmas(self, image_seq_len: int | None = None) -> np.ndarray:
+    return schedules.get_sigmas(self.schedule, self.num_steps, shift=self.shift,
+                                image_seq_len=image_seq_len)
+
+
+def make_r0_step(graphdef, tx: optax.GradientTransformation, rcfg: R0Config,
+                 image_shape: tuple[int, ...], *, decode, image_seq_len: int | None = None):
+  """The pure R0 step `(state, batch, key, consts) -> (state, metrics)` (module docstring).
+
+  consts = {'rewards': WeightedRewards (differentiable), 'init': θ0}.
+  """
+  sigmas_np = rcfg.sigmas(image_seq_len)
+  k_steps = rcfg.num_steps
+  velocity = refl_trainer.make_velocity(graphdef, rcfg.guidance)
+
+  def gen_step(params, x, k, eta, xi, cond):
+    """DDIM-η step k: (x_{k+1}, x̂0_k)."""
+    sigmas = jnp.asarray(sigmas_np)
+    sigma = jnp.full((x.shape[0],), sigmas[k], jnp.float32)
+    v = velocity(params, x, sigma, cond)
+    return (ddim.ddim_eta_step(v, x, sigma, sigmas[k + 1], eta[k], xi[k]),
+            steps.predicted_x0(x, sigma, v))
+
+  def generate_x0(params, x, eta, xi, cond, k_star):
+    """x̂0 with the gradient of the configured mode (full K steps or R0+)."""
+    if not rcfg.plus:
+      body = lambda x, k: (gen_step(params, x, k, eta, xi, cond)[0], None)  # pylint: disable=unnecessary-lambda-assignment
+      if rcfg.remat:
+        body = jax.checkpoint(body)
+      x, _ = jax.lax.scan(body, x, jnp.arange(k_steps))
+      return x   # σ_K = 0: the last step returns its x̂0
+    frozen = jax.lax.stop_gradient(params)
+    x_k = jax.lax.fori_loop(0, k_star, lambda k, x: gen_step(frozen, x, k, eta, xi, cond)[0], x)
+    return gen_step(params, jax.lax.stop_gradient(x_k), k_star, eta, xi, cond)[1]
+
+  def loss_fn(params, x_init, eta, xi, cond, rbatch, k_star, key, consts):
+    rewards = consts['rewards']
+    x0 = generate_x0(params, x_init, eta, xi, cond, k_star)
+    fns = {}
+    for i, reward in enumerate(rewards.rewards):
+      sub = jax.random.fold_in(key, i)
+      fns[reward.name] = (lambda x, r=reward, s=sub: r({'latents': x, 'pixels': decode(x)},
+                                                       rbatch, s))
+    direction, per = r0_lib.normalized_direction(fns, rewards.weights, x0, eps=rcfg.norm_eps)
+    surrogate = r0_lib.surrogate_loss(x0, direction)
+    l2 = r0_lib.l2_to_init(params, consts['init'])
+    loss = surrogate + rcfg.l2_weight * l2
+    return loss, {'surrogate': surrogate, 'l2': l2, 'per': per, 'total': rewards.combine(per)}
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state, batch, key, consts):
+    keys = dict(zip(('noise', 'eta', 'xi', 'k', 'reward'), jax.random.split(key, 5)))
+    cond = grpo_step.cond_from_batch(batch)
+    b = jax.tree.leaves(cond)[0].shape[0]
+    shape = (b,) + tuple(image_shape)
+    x_init = jax.random.normal(keys['noise'], shape, jnp.float32)
+    eta = rcfg.eta_max * jax.random.uniform(keys['eta'], (k_steps, b), jnp.float32)
+    xi = jax.random.normal(keys['xi'], (k_steps,) + shape, jnp.float32)
+    k_star = jax.random.randint(keys['k'], (), 0, k_steps, jnp.int32)
+    rbatch = {k: v for k, v in batch.items() if k not in ('images',)}
+    (loss, aux), grads = grad_fn(state['params'], x_init, eta, xi, cond, rbatch, k_star,
+                                 keys['reward'], consts)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    new = {'params': params, 'opt_state': opt_state}
+    if 'ema' in state:
+      new['ema'] = ema_lib.ema_update(state['ema'], params, rcfg.ema_decay)
+    new, skipped = loop_lib.finite_or_skip({k: state[k] for k in new}, new, loss, grads)
+    new['rl'] = {'iteration': state['rl']['iteration'] + 1}
+    total = aux['total']
+    metrics = {'loss': loss, 'skipped': skipped, 'surrogate': aux['surrogate'], 'l2': aux['l2'],
+               'reward_mean': jnp.mean(total), 'reward_std': jnp.std(total),
+               'grad_norm': optax.tree.norm(grads)}
+    if rcfg.plus:
+      metrics['supervised_step'] = k_star.astype(jnp.float32)
+    if len(rewards_names := tuple(aux['per'])) > 1:
+      for name in rewards_names:
+        metrics[f'reward/{name}_mean'] = jnp.mean(aux['per'][name])
+    return new, metrics
+
+  return step
+
+
+def train(config, workdir: str) -> dict:
+  mesh, rules = common.setup_mesh(config)
+  rcfg = R0Config.from_config(config.r0)
+  batch_size = int(config.data.batch_size)
+  tok = common.digits_tokenizer(workdir, config.model.get('vocab_size'))
+  graphdef, params, pshard, _ = common.build_generator(config, mesh, rules)
+  init = config.get('init', {}).get('generator', '')
+  if init:
+    params = common.restore_generator(init, params, pshard,
+                                      use_ema=bool(config.init.get('use_ema', False)))
+    logging.info('R0 starts from the generator in %s.', init)
+  else:
+    logging.warning('config.init.generator is empty: R0 starts from a random generator.')
+
+  rewards = registry.build_rewards(config.rewards)
+  if not rewards.differentiable:
+    raise ValueError(f'R0 needs differentiable rewards; config.rewards has '
+                     f'{[r.name for r in rewards.rewards if not r.differentiable]} that are not.')
+  tx = optim.make_optimizer(config.optax)
+  state, shardings = refl_trainer.build_state(params, pshard, tx, mesh, rcfg.ema_decay)
+  theta0 = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=pshard)(params)
+  consts = {'rewards': rewards, 'init': theta0}
+  data_iter = pipeline.prompt_iter(grpo.prompt_records(config), batch_size, seed=int(config.seed),
+                                   tokenizer=tok, max_len=int(config.data.max_text_len))
+
+  def to_device(batch):
+    return sharding_lib.host_to_global(grpo.digits_host_batch(batch), mesh, rules)
+
+  step_fn = make_r0_step(graphdef, tx, rcfg, IMAGE_SHAPE, decode=grpo.decode_unit)
+  hooks = []
+  if int(config.samples.get('every', 0)) > 0:
+    score = jax.jit(lambda r, images, labels: r.total(
+        {'pixels': images, 'latents': images * 2.0 - 1.0}, {'labels': labels},
+        jax.random.key(0)))
+    extra = lambda images, labels: {  # pylint: disable=unnecessary-lambda-assignment
+        'sample_reward': float(jnp.mean(score(rewards, images, labels)))}
+    hooks.append((int(config.samples.every), generate.make_judge_hook(
+        config, graphdef, tok, workdir, IMAGE_SHAPE, extra=extra)))
+  loop_cfg = loop_lib.LoopConfig.from_config(config, desc='r0')
+  state, last = loop_lib.run(
+      workdir=workdir, loop=loop_cfg, state=state, state_shardings=shardings, step_fn=step_fn,
+      data_iter=data_iter, to_device=to_device, key=jax.random.key(int(config.seed)), mesh=mesh,
+      hooks=hooks, config_json=config.to_dict(), context=lambda: common.mesh_context(mesh, rules),
+      consts=consts)
+  return {'step': last}
