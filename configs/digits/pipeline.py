@@ -11,6 +11,8 @@ Stages (each in WORKDIR/<stage>, skipped when finished, resumed when interrupted
   grpo_vlm    GRPO of a copy of the base with the VLM reward (P("yes"), pointwise);
   grpo_thurstone  GRPO with the Thurstone latent reward;
   prfl        PRFL with the process reward on noisy latents (+ flow matching on real digits);
+  refl        ReFL with the VLM reward, pairwise against best-of-N references of the base;
+  r0          R0: a 4-step generator by regularised maximisation of the VLM reward;
 then the evaluation: judge accuracy, reward mean/std, best-of-N and Search over Paths at equal
 model calls, sample grids and curves → WORKDIR/report.md.
 """
@@ -22,17 +24,18 @@ from rewarddance_jax.config_lib import parse_arg
 
 def get_config(arg=None):
   arg = parse_arg(arg, seed=0, base_steps=600, rm_steps=800, latent_steps=400, grpo_steps=120,
-                  prfl_steps=150, smoke=False)
+                  prfl_steps=150, refl_steps=100, r0_steps=100, smoke=False)
   # smoke: every stage on the tiny runlocal configs (a minute or two; for tests).
   local = 'runlocal,' if arg.smoke else ''
   if arg.smoke:
-    arg.base_steps, arg.rm_steps, arg.latent_steps, arg.grpo_steps, arg.prfl_steps = 4, 4, 4, 2, 2
+    arg.base_steps, arg.rm_steps, arg.latent_steps = 4, 4, 4
+    arg.grpo_steps = arg.prfl_steps = arg.refl_steps = arg.r0_steps = 2
   c = ml_collections.ConfigDict()
   c.trainer = 'pipeline'
   c.seed = arg.seed
   no_samples = {'samples': {'every': 0}}
   c.order = ('base', 'reward_vlm', 'reward_thurstone', 'reward_process', 'grpo_vlm',
-             'grpo_thurstone', 'prfl')
+             'grpo_thurstone', 'prfl', 'refl', 'r0')
   c.stages = {
       'base': dict(config='configs.digits.flow', arg=f'{local}steps={arg.base_steps}',
                    overrides=dict(no_samples, ckpt={'every': 10_000})),
@@ -56,6 +59,14 @@ def get_config(arg=None):
       'prfl': dict(
           config='configs.digits.prfl', needs=['base', 'reward_process'], overrides=no_samples,
           arg=f'{local}init={{base}},steps={arg.prfl_steps},reward_path={{reward_process}}'),
+      'refl': dict(
+          config='configs.digits.refl', needs=['base', 'reward_vlm'], overrides=no_samples,
+          arg=(f'{local}init={{base}},steps={arg.refl_steps},reward=vlm_yes,'
+               'reward_path={reward_vlm}/reward_model')),
+      'r0': dict(
+          config='configs.digits.r0', needs=['base', 'reward_vlm'], overrides=no_samples,
+          arg=(f'{local}init={{base}},steps={arg.r0_steps},reward=vlm_yes,'
+               'reward_path={reward_vlm}/reward_model')),
   }
   # The yardstick reward of the report: the trained VLM reward, pointwise.
   c.evaluate = dict(per_class=2 if arg.smoke else 20, sop_n=4, sop_m=2, sop_delta_f=0.1, sop_every=4,
