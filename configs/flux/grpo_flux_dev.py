@@ -37,8 +37,7 @@ VLMS = {'2b': 'internvl3-2b', '8b': 'internvl3-8b'}
 
 # Candidate layouts scanned by default for this config (launch.scan_sharding --layouts=default):
 # MESH (data, fsdp, tensor) : remat : scan : step : rule set.
-CANDIDATES = ('1,-1,1:full:scan:grpo;2,-1,1:full:scan:grpo;1,-1,2:full:scan:grpo;'
-              '2,-1,1:full:scan:grpo:fsdp_all;1,-1,1:dots:scan:grpo')
+CANDIDATES = '1,-1,1:full:scan:grpo;2,-1,1:full:scan:grpo'
 
 # Default layouts chosen by the scanner (docs/scaling.md): topology → layout string.
 LAYOUTS = {
@@ -77,7 +76,7 @@ def get_config(arg=None):
   c.optax = dict(lr=1e-5, schedule='constant', warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
                  weight_decay=1e-4, grad_clip=1.0)
   c.scan = dict(
-      reward=dict(vlm=vlm_preset(VLMS[arg.vlm], dtype='bfloat16'), vae='flux',
+      reward=dict(vlm=vlm_preset(VLMS[arg.vlm], dtype='bfloat16'), vae='', pixel_factor=8,
                   vae_dtype='bfloat16', max_len=384, yes_id=9454, no_id=2152),
       candidates=CANDIDATES)
   c.layouts = dict(LAYOUTS)

@@ -6,7 +6,11 @@ Everything is a sharded `jax.ShapeDtypeStruct`; no parameter is ever materialise
      VLM yes-token reward (RewardDance, ALGORITHMS.md §4.1) of the configured InternVL size on
      latents: pixels = (VAE.decode_latents(x̂0) + 1)/2, one 448² tile, r = P("yes") from the LM
      head at `batch['vlm_pos']` of `batch['vlm_ids']` (two_way normalisation). Its params are
-     {'model': InternVL, 'vae': AutoencoderKL}, sharded by the config's rules. Without that
+     {'model': InternVL, 'vae': AutoencoderKL}, sharded by the config's rules (the VAE, 84M,
+     replicated). With vae='' the decode is a stand-in of the same output size (no weights):
+     compiling the FLUX VAE decoder at 768² through libtpu took over 10 minutes on the 2-core
+     CPU host, past the scan budget; the real-size configs scan without it (docs/scaling.md).
+     Without that
      section the config's own `config.rewards` (rule rewards) are built and their (small) params
      replaced by replicated structs.
   2. `abstract_grpo_step(config, mesh)`: the whole GRPO iteration of `train/grpo_step.py`
@@ -73,11 +77,18 @@ def vlm_reward_flops(vlm_cfg, params, max_len: int) -> float:
                 * vlm_cfg.tokens_per_tile + _size(lm) * max_len + _size(head))
 
 
+def stand_in_pixels(latents: jax.Array, factor: int) -> jax.Array:
+  """Pixels in [0, 1] of the decoded size without a VAE: the first 3 latent channels, each
+  value repeated factor×factor (the scans' stand-in for the VAE decode, see the module doc)."""
+  x = jax.nn.sigmoid(latents[..., :3])
+  return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+
+
 def abstract_vlm_reward(rcfg, mesh, rules, *, scan_layers: bool = False):
   """(Reward with abstract params, extra batch leaves {name: (shape tail, dtype)}, FLOPs/sample).
 
   `rcfg` is `config.scan.reward`: vlm (a `models.vlm.presets` dict), vae (a VAE_PRESETS name),
-  vae_dtype (its compute dtype), max_len (prompt tokens), yes_id / no_id.
+  vae_dtype (its compute dtype; vae='' uses `stand_in_pixels` with pixel_factor), max_len (prompt tokens), yes_id / no_id.
   """
   # pylint: disable=import-outside-toplevel
   from rewarddance_jax.models.vae import VAE_PRESETS, AutoencoderKL
@@ -89,24 +100,33 @@ def abstract_vlm_reward(rcfg, mesh, rules, *, scan_layers: bool = False):
   vlm_dict = dict(rcfg.vlm)
   vlm_dict['scan_layers'] = bool(scan_layers)
   vcfg = vlm_config(vlm_dict)
-  if rcfg.vae not in VAE_PRESETS:
-    raise ValueError(f'config.scan.reward.vae={rcfg.vae!r} is not one of {sorted(VAE_PRESETS)}.')
-  vae_cfg = dataclasses.replace(VAE_PRESETS[rcfg.vae], dtype=rcfg.get('vae_dtype', 'float32'))
+  if rcfg.vae and rcfg.vae not in VAE_PRESETS:
+    raise ValueError(f'config.scan.reward.vae={rcfg.vae!r} is not one of {sorted(VAE_PRESETS)} '
+                     'or "".')
   vlm_def, vlm_params, _ = abstract_model(lambda: InternVL(vcfg, rngs=nnx.Rngs(0)), mesh, rules)
-  vae_def, vae_params, _ = abstract_model(lambda: AutoencoderKL(vae_cfg, rngs=nnx.Rngs(0)),
-                                          mesh, rules)
+  # The VAE (84M) is replicated: with its conv kernels split over fsdp, GSPMD shards the
+  # decoder's activations by channel and gathers the batch, ~1.5 GB per image at 768².
+  params = {'model': vlm_params}
+  if rcfg.vae:
+    vae_cfg = dataclasses.replace(VAE_PRESETS[rcfg.vae], dtype=rcfg.get('vae_dtype', 'float32'))
+    vae_rules = tuple((n, a if n.startswith('act_') else None) for n, a in rules)
+    vae_def, params['vae'], _ = abstract_model(
+        lambda: AutoencoderKL(vae_cfg, rngs=nnx.Rngs(0)), mesh, vae_rules)
+  factor = int(rcfg.get('pixel_factor', 8))
   tile_spec = TileSpec(size=vcfg.vision.image_size, max_tiles=1, thumbnail=False)
   yes_ids, no_ids = (int(rcfg.yes_id),), (int(rcfg.no_id),)
 
   def fn(p, samples, batch, key):
     del key
-    vae = nnx.merge(vae_def, p['vae'])
-    pixels = jnp.clip((vae.decode_latents(samples['latents']) + 1.0) * 0.5, 0.0, 1.0)
+    if 'vae' in p:
+      vae = nnx.merge(vae_def, p['vae'])
+      pixels = jnp.clip((vae.decode_latents(samples['latents']) + 1.0) * 0.5, 0.0, 1.0)
+    else:
+      pixels = stand_in_pixels(samples['latents'], factor)
     tiles = vlm_tiles(tile_spec, 'pointwise', pixels)
     logits = answer_logits(vlm_def, p['model'], batch['vlm_ids'], batch['vlm_pos'], tiles)
     return yes_probability(logits, yes_ids, no_ids, 'two_way')
 
-  params = {'model': vlm_params, 'vae': vae_params}
   reward = base.Reward(name='vlm_yes', fn=fn, inputs='latents', differentiable=True,
                        params=params)
   max_len = int(rcfg.max_len)
