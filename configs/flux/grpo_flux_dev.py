@@ -21,7 +21,8 @@ Options after the colon: vlm=8b|2b (InternVL3 size), res=720|1024.
   4. Reward (`config.scan.reward`, read by `parallel/abstract_grpo.py`): x̂0 → FLUX VAE decode
      → one 448² tile → InternVL3-8B (or -2B) → P("yes") at the answer position of a
      384-token prompt. Frozen, fp32 weights sharded like the generator's, bf16 compute.
-  5. `config.layouts`: the default layout per topology, chosen by the scanner (docs/scaling.md).
+  5. `config.layouts`: the default layout per topology (docs/scaling.md; still to be confirmed
+     by a finished scan, see there).
 """
 
 import ml_collections
@@ -39,7 +40,9 @@ VLMS = {'2b': 'internvl3-2b', '8b': 'internvl3-8b'}
 # MESH (data, fsdp, tensor) : remat : scan : step : rule set.
 CANDIDATES = '1,-1,1:full:scan:grpo;2,-1,1:full:scan:grpo'
 
-# Default layouts chosen by the scanner (docs/scaling.md): topology → layout string.
+# Default layouts per topology (docs/scaling.md). NOT yet confirmed by a finished scan: the
+# whole-iteration compile did not finish in 20 min on the shared 2-core host; FSDP over all
+# chips with full remat and scanned blocks is the layout whose reward step fitted (3.0 GiB/chip).
 LAYOUTS = {
     'v5p:4x4x4': '1,-1,1:full:scan:grpo',
     'v6e:8x8': '1,-1,1:full:scan:grpo',
