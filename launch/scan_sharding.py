@@ -1,13 +1,17 @@
 """Scan sharding layouts for a TPU topology on this (CPU) host, through libtpu's compiler.
 
   python -m launch.scan_sharding --config=configs/digits/flow.py:runlocal --topology=v5e:2x2 \
-      [--layouts=default|"1,-1,1:full:scan;2,2,1:none:noscan"] [--out=FILE.md]
+      [--layouts=default|"1,-1,1:full:scan;2,2,1:none:noscan"] [--step=flow|grpo|reward] \
+      [--out=FILE.md]
+  python -m launch.scan_sharding --config=configs/flux/grpo_flux_dev.py --topology=v5p:4x4x4 \
+      --step=grpo
 
   1. The topology's chip must be known (`parallel/scan.CHIPS`), the layouts must parse and
      libtpu must load; otherwise one `error: ...` line and a non-zero exit.
-  2. Each layout (MESH:REMAT:scan|noscan[:STEP], MESH over `config.mesh.axes`, one size may be -1)
-     is compiled by `scan.scan_layouts`; 'default' is `scan.default_layouts` for the topology's
-     device count.
+  2. Each layout (MESH:REMAT:scan|noscan[:STEP[:RULES]], MESH over `config.mesh.axes`, one size
+     may be -1) is compiled by `scan.scan_layouts`; 'default' is the config's
+     `scan.candidates` when it has them, else `scan.default_layouts` for the topology's device
+     count. `--step` sets the step of every layout that names none.
   3. The markdown table (sorted by roofline estimate) is printed and, with --out, written.
 """
 
@@ -26,6 +30,8 @@ _TOPOLOGY = flags.DEFINE_string('topology', None, "libtpu topology, e.g. 'v5e:2x
 _LAYOUTS = flags.DEFINE_string('layouts', 'default',
                                "'default' or 'MESH:REMAT:scan|noscan[:STEP];...', e.g. "
                                "'1,-1,1:full:scan;2,2,1:none:noscan'.")
+_STEP = flags.DEFINE_string('step', None, "Step of layouts that name none: 'flow', 'grpo', "
+                            "'reward' (default: flow).")
 _OUT = flags.DEFINE_string('out', None, 'Markdown file to write the table to.')
 flags.mark_flags_as_required(['config', 'topology'])
 
@@ -41,6 +47,8 @@ def main(argv):
   try:
     scan.chip_specs(topology)
     layouts = None if _LAYOUTS.value.strip() == 'default' else scan.parse_layouts(_LAYOUTS.value)
+    if _STEP.value is not None and _STEP.value not in scan.STEP_BUILDERS:
+      raise ValueError(f'--step={_STEP.value!r} is not one of {sorted(scan.STEP_BUILDERS)}.')
   except ValueError as e:
     sys.exit(f'error: {e}')
   if not aot.libtpu_available():
@@ -50,15 +58,21 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except  # libtpu's text for a bad topology
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     sys.exit(f'error: --topology={topology}: {lines[0] if lines else type(e).__name__}')
-  if layouts is None:
-    layouts = scan.default_layouts(num_devices)
-
   try:
     config = _CONFIG.value
     config.get('trainer', None)
   except OSError as e:  # config_flags defers a failed load until first use
     detail = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
     sys.exit(f'error: --config={flags.FLAGS["config"].serialize().split("=", 1)[-1]}: {detail}')
+  if layouts is None:
+    candidates = config.get('scan', {}).get('candidates', None)
+    try:
+      layouts = (scan.parse_layouts(candidates) if candidates
+                 else scan.default_layouts(num_devices))
+    except ValueError as e:
+      sys.exit(f'error: config scan.candidates: {e}')
+  if _STEP.value is not None:
+    layouts = [dict(l, step=l.get('step', _STEP.value)) for l in layouts]
 
   rows = scan.scan_layouts(config, topology, layouts)
   table = scan.format_table(rows)

@@ -76,7 +76,8 @@ def test_parse_layouts_and_defaults():
       {'mesh': (1, -1, 1), 'remat': 'full', 'scan_layers': True},
       {'mesh': (2, 2, 1), 'remat': 'none', 'scan_layers': False}]
   for text, match in (('1,-1,1:full', 'expected MESH'), ('a,1,1:none:scan', 'integers'),
-                      ('1,-1,1:full:yes', 'scan'), ('1,-1,1:full:scan:grpo', 'unknown step')):
+                      ('1,-1,1:full:yes', 'scan'), ('1,-1,1:full:scan:bogus', 'unknown step'),
+                      ('1,-1,1:full:scan:grpo:bogus', 'unknown rule set')):
     with pytest.raises(ValueError, match=match):
       scan.parse_layouts(text)
   defaults = scan.default_layouts(4)

@@ -6,11 +6,13 @@ compile-only devices of the topology, compiled through libtpu, and summarised as
   1. `abstract_flow_train_step(config, mesh)`: shape-only params (`sharding_lib.abstract_state`),
      their NamedShardings from the config's rules, the AdamW state from `jax.eval_shape`, a batch of
      `config.data.batch_size` and a key, all `jax.ShapeDtypeStruct`s with shardings; the step is
-     jitted as `train/loop.py` jits it (state donated). Returned as an `AbstractStep`. More steps
-     (GRPO rollout/update, reward forward) register a builder in `STEP_BUILDERS` under a name that a
-     layout's 'step' key selects.
+     jitted as `train/loop.py` jits it (state donated). Returned as an `AbstractStep`. The other
+     steps register a builder in `STEP_BUILDERS` under the name a layout's 'step' key selects:
+     'grpo' (the whole GRPO iteration: rollout + reward + update) and 'reward' (the reward
+     forward), both in `parallel/abstract_grpo.py`.
   2. `scan_layouts(config, topology, layouts)`: applies each layout's overrides to a copy of the
-     config (`mesh` → the topology mesh, `remat` / `scan_layers` → `config.model`), builds the step
+     config (`mesh` → the topology mesh, `remat` / `scan_layers` → `config.model`, `rules` → a
+     `RULE_SETS` override of `config.sharding_rules`), builds the step
      on `aot.tpu_topology_mesh`, and compiles it with `aot.compile_report`. Any failure (a mesh that
      does not divide the device count, a compile error) becomes a row with the error's first line.
   3. Each row has per-chip memory (argument / temp / total GiB) against the chip's HBM (`CHIPS`),
@@ -54,7 +56,16 @@ CHIPS = {
 }
 _CHIP_ALIASES = {'v5litepod': 'v5e', 'v5lite': 'v5e', 'v6litepod': 'v6e', 'v6lite': 'v6e'}
 
-LAYOUT_KEYS = ('mesh', 'remat', 'scan_layers', 'step')
+LAYOUT_KEYS = ('mesh', 'remat', 'scan_layers', 'step', 'rules')
+
+# Rule sets a layout may name ('rules' key): overrides of the config's sharding rules.
+#   config: the config's rules unchanged.
+#   fsdp_all: weights (embed / conv_out) sharded over data × fsdp, i.e. ZeRO-3 over every chip
+#     of a data × fsdp mesh instead of replicating the weights over the data axis.
+RULE_SETS = {
+    'config': {},
+    'fsdp_all': {'embed': ('fsdp', 'data'), 'conv_out': ('fsdp', 'data')},
+}
 
 
 @dataclasses.dataclass
@@ -67,10 +78,13 @@ class AbstractStep:
   num_params: int
   tokens: int                # tokens processed by one step, over all chips
   flops_per_param_token: int  # 6 for a train step (fwd + bwd), 2 for a forward
+  analytic_flops: float | None = None  # set by steps whose FLOPs are not 6·P·tokens (GRPO)
 
   @property
   def model_flops(self) -> float:
     """Analytic FLOPs of one step over all chips (matmul weights only)."""
+    if self.analytic_flops is not None:
+      return float(self.analytic_flops)
     return float(self.flops_per_param_token * self.num_params * self.tokens)
 
   def compile_report(self) -> dict[str, Any]:
@@ -136,9 +150,23 @@ def abstract_flow_train_step(config, mesh) -> AbstractStep:
                       num_params=num_params, tokens=tokens, flops_per_param_token=6)
 
 
-# name -> builder(config, mesh) -> AbstractStep. GRPO rollout/update and reward steps go here.
+def _grpo_step(config, mesh) -> AbstractStep:
+  from rewarddance_jax.parallel import abstract_grpo  # pylint: disable=import-outside-toplevel
+  return abstract_grpo.abstract_grpo_step(config, mesh)
+
+
+def _reward_step(config, mesh) -> AbstractStep:
+  from rewarddance_jax.parallel import abstract_grpo  # pylint: disable=import-outside-toplevel
+  return abstract_grpo.abstract_reward_step(config, mesh)
+
+
+# name -> builder(config, mesh) -> AbstractStep: the flow train step, the whole GRPO iteration
+# (rollout + reward + update, `train/grpo_step.py`) and the reward forward
+# (`parallel/abstract_grpo.py`).
 STEP_BUILDERS: dict[str, Callable[[Any, Any], AbstractStep]] = {
     'flow': abstract_flow_train_step,
+    'grpo': _grpo_step,
+    'reward': _reward_step,
 }
 
 
@@ -158,19 +186,23 @@ def layout_label(layout: dict) -> str:
   label = (f'{mesh}:{layout.get("remat", "none")}:'
            f'{"scan" if layout.get("scan_layers", False) else "noscan"}')
   step = layout.get('step', 'flow')
+  rules = layout.get('rules', 'config')
+  if rules != 'config':
+    return f'{label}:{step}:{rules}'
   return label if step == 'flow' else f'{label}:{step}'
 
 
 def parse_layouts(text: str) -> list[dict]:
-  """Parses 'default' or 'MESH:REMAT:scan|noscan[:STEP];...' (MESH comma-separated sizes)."""
+  """Parses 'default' or 'MESH:REMAT:scan|noscan[:STEP[:RULES]];...' (MESH comma-separated
+  sizes, STEP a `STEP_BUILDERS` key, RULES a `RULE_SETS` key)."""
   text = text.strip()
   if text == 'default':
     return default_layouts()
   layouts = []
   for item in filter(None, (s.strip() for s in text.split(';'))):
     parts = item.split(':')
-    if len(parts) not in (3, 4):
-      raise ValueError(f'layout {item!r}: expected MESH:REMAT:scan|noscan[:STEP], e.g. '
+    if len(parts) not in (3, 4, 5):
+      raise ValueError(f'layout {item!r}: expected MESH:REMAT:scan|noscan[:STEP[:RULES]], e.g. '
                        '"1,-1,1:full:scan".')
     try:
       mesh = tuple(int(s) for s in parts[0].split(','))
@@ -180,11 +212,16 @@ def parse_layouts(text: str) -> list[dict]:
     if parts[2] not in ('scan', 'noscan'):
       raise ValueError(f'layout {item!r}: third field must be "scan" or "noscan".')
     layout = {'mesh': mesh, 'remat': parts[1], 'scan_layers': parts[2] == 'scan'}
-    if len(parts) == 4:
+    if len(parts) >= 4:
       if parts[3] not in STEP_BUILDERS:
         raise ValueError(f'layout {item!r}: unknown step {parts[3]!r}; '
                          f'known: {sorted(STEP_BUILDERS)}.')
       layout['step'] = parts[3]
+    if len(parts) == 5:
+      if parts[4] not in RULE_SETS:
+        raise ValueError(f'layout {item!r}: unknown rule set {parts[4]!r}; '
+                         f'known: {sorted(RULE_SETS)}.')
+      layout['rules'] = parts[4]
     layouts.append(layout)
   if not layouts:
     raise ValueError(f'--layouts={text!r} names no layout.')
@@ -217,6 +254,13 @@ def _apply_layout(config, layout: dict):
     cfg.model.remat = layout['remat']
   if 'scan_layers' in layout:
     cfg.model.scan_layers = bool(layout['scan_layers'])
+  rule_set = layout.get('rules', 'config')
+  if rule_set not in RULE_SETS:
+    raise ValueError(f'layout rules={rule_set!r} is not one of {sorted(RULE_SETS)}.')
+  if RULE_SETS[rule_set]:
+    override = RULE_SETS[rule_set]
+    cfg.sharding_rules = tuple((name, override.get(name, axes))
+                               for name, axes in cfg.sharding_rules)
   return cfg
 
 
@@ -265,7 +309,7 @@ def scan_layouts(config, topology: str, layouts: Sequence[dict]) -> list[dict[st
     topology: a libtpu topology such as 'v5e:2x2' or 'v5p:4x4x4'.
     layouts: dicts with optional keys 'mesh' (sizes of `config.mesh.axes`, one may be -1),
       'remat' (a `models.mmdit.REMAT_POLICIES` key), 'scan_layers' (bool), 'step' (a
-      `STEP_BUILDERS` key, default 'flow').
+      `STEP_BUILDERS` key, default 'flow'), 'rules' (a `RULE_SETS` key, default 'config').
 
   Returns:
     One dict per layout: layout, step, chip, hbm_gib, mesh, num_devices, argument_gib, temp_gib,

@@ -40,6 +40,7 @@ from flax import nnx
 
 from rewarddance_jax.flow import rollout as rollout_lib
 from rewarddance_jax.flow import schedules, steps
+from rewarddance_jax.parallel.sharding import constrain
 from rewarddance_jax.rl import advantages as adv_lib
 from rewarddance_jax.rl import aggregate, ema as ema_lib, grpo_loss, kl as kl_lib
 from rewarddance_jax.rl import timesteps
@@ -123,6 +124,15 @@ def _batch_size(batch: dict) -> int:
   raise ValueError(f'a GRPO batch needs conditioning: one of {COND_KEYS}; got {sorted(batch)}.')
 
 
+def _rows(a: jax.Array, axis: int = 0) -> jax.Array:
+  """Pins `a`'s sample axis to the batch sharding (`act_batch`), the rest unsharded. Without it
+  GSPMD may replicate the initial noise (the whole rollout on every chip) or the minibatches
+  after the shuffle-and-split (every chip running the full minibatch's gradients)."""
+  names = [None] * a.ndim
+  names[axis] = 'act_batch'
+  return constrain(a, names)
+
+
 def init_rl_state(gcfg: GRPOConfig, batch_size: int) -> dict:
   """state['rl']: the iteration counter and the reward-variance ring buffer (host numpy)."""
   return {'iteration': np.zeros((), np.int32),
@@ -176,6 +186,7 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
     idx, sde_mask = timesteps.select(sel, keys['select'], b, iteration)
     x_init = rollout_lib.initial_noise(keys['noise'], (b,) + tuple(image_shape), group_size=g,
                                        same_noise=gcfg.same_noise)
+    x_init = _rows(x_init)
     traj = rollout_lib.rollout(lambda x, s: velocity(params, x, s, cond), x_init, sigmas,
                                keys['rollout'], kind=kind, noise_level=eta, sde_mask=sde_mask,
                                keep_steps=range(n - 1))
@@ -253,7 +264,7 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
 
     def split(a):
       a = jnp.take(a, perm, axis=0)
-      return a.reshape((m, b // m) + a.shape[1:])
+      return _rows(a.reshape((m, b // m) + a.shape[1:]), axis=1)
 
     data = tuple(split(a) for a in per_sample)
     params, opt_state, ema, stats = update(state, consts, data, jax.tree.map(split, cond))

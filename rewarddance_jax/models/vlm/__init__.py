@@ -3,3 +3,4 @@
 from rewarddance_jax.models.vlm.config import (TextConfig, VisionConfig, VLMConfig, from_hf_dict,
                                                vlm_config)
 from rewarddance_jax.models.vlm.model import InternVL, check_placeholders, pixel_shuffle
+from rewarddance_jax.models.vlm.presets import VLM_PRESETS, vlm_preset

@@ -1,0 +1,89 @@
+"""GRPO on FLUX.1-dev at real size, rewarded by an InternVL3 yes-token reward (issue 8, item 2).
+
+Scan its layouts for a TPU pod on a CPU host (docs/scaling.md has the tables):
+  python -m launch.scan_sharding --config=configs/flux/grpo_flux_dev.py --topology=v5p:4x4x4 \
+      --step=grpo
+  python -m launch.scan_sharding --config=configs/flux/grpo_flux_dev.py:vlm=2b,res=1024 \
+      --topology=v6e:8x8 --step=grpo --layouts="1,-1,1:full:scan"
+Options after the colon: vlm=8b|2b (InternVL3 size), res=720|1024.
+
+  1. Generator: the FLUX.1-dev MMDiT (11.9B, `models/presets.py`), full fine-tuning (LoRA is not
+     in this tree yet), fp32 params and AdamW state, bf16 compute, scanned blocks, full remat.
+  2. Resolution: 720² pixels give a 90×90×16 latent, 45×45 = 2025 patches of 2×2. We pad the
+     latent to 96×96 (768² pixels): 48×48 = 2304 image tokens + 512 T5 tokens = 2816 = 22·128,
+     so both attention lengths are multiples of 128 and the TPU flash-attention kernel applies
+     (`nn/attention.py` 'auto'); 2025 + 512 = 2537 would fall back to XLA attention with a
+     materialised L² score matrix. res=1024: 128×128 latent, 4096 + 512 = 4608 = 36·128 tokens.
+  3. GRPO (DanceGRPO FLUX settings, ALGORITHMS.md §3.7): G = 12, 16 prompts per iteration
+     (B = 192 rollouts), 16 'dance' SDE steps (η = 0.3, shift 3), 60% of the 15 trainable steps
+     trained per sample, M = 3 minibatches (64 rollouts: one per chip on a 64-chip slice),
+     guidance 3.5 (FLUX.1-dev's distilled guidance input), clip 1e-4.
+  4. Reward (`config.scan.reward`, read by `parallel/abstract_grpo.py`): x̂0 → FLUX VAE decode
+     → one 448² tile → InternVL3-8B (or -2B) → P("yes") at the answer position of a
+     384-token prompt. Frozen, fp32 weights sharded like the generator's, bf16 compute.
+  5. `config.layouts`: the default layout per topology (docs/scaling.md; still to be confirmed
+     by a finished scan, see there).
+"""
+
+import ml_collections
+
+from rewarddance_jax.config_lib import parse_arg
+from rewarddance_jax.models.presets import model_preset
+from rewarddance_jax.models.vlm.presets import vlm_preset
+from rewarddance_jax.parallel.sharding import DEFAULT_RULES
+
+# res → padded latent (H, W, C); see the module docstring, item 2.
+LATENTS = {720: (96, 96, 16), 1024: (128, 128, 16)}
+VLMS = {'2b': 'internvl3-2b', '8b': 'internvl3-8b'}
+
+# Candidate layouts scanned by default for this config (launch.scan_sharding --layouts=default):
+# MESH (data, fsdp, tensor) : remat : scan : step : rule set.
+CANDIDATES = '1,-1,1:full:scan:grpo;2,-1,1:full:scan:grpo'
+
+# Default layouts per topology (docs/scaling.md). NOT yet confirmed by a finished scan: the
+# whole-iteration compile did not finish in 20 min on the shared 2-core host; FSDP over all
+# chips with full remat and scanned blocks is the layout whose reward step fitted (3.0 GiB/chip).
+LAYOUTS = {
+    'v5p:4x4x4': '1,-1,1:full:scan:grpo',
+    'v6e:8x8': '1,-1,1:full:scan:grpo',
+}
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, vlm='8b', res=720, steps=0)
+  if arg.res not in LATENTS:
+    raise ValueError(f'config arg res={arg.res}: choose one of {sorted(LATENTS)}.')
+  if arg.vlm not in VLMS:
+    raise ValueError(f'config arg vlm={arg.vlm!r}: choose one of {sorted(VLMS)}.')
+  c = ml_collections.ConfigDict()
+  c.trainer = 'grpo'
+  c.seed = 0
+  c.total_steps = arg.steps or 300
+  c.log_every = 1
+  c.max_nonfinite = 10
+
+  c.model = model_preset('flux-dev', dtype='bfloat16', param_dtype='float32', scan_layers=True,
+                         remat='full')
+  c.init = dict(generator='', use_ema=False)
+  c.data = dict(batch_size=192, max_text_len=512, prompts='', latent_shape=LATENTS[arg.res])
+  c.grpo = dict(
+      group_size=12, step_kind='dance', noise_level=0.3, schedule='shift', num_steps=16,
+      shift=3.0,
+      selection=dict(kind='fraction', fraction=0.6, window=3, window_range=(0, 0),
+                     iters_per_group=25, max_start=-1),
+      advantage='dance', global_std=False, adv_clip=5.0, aggregation='advantage',
+      clip_range=1e-4, minibatches=3, kl_beta=0.0, rollout_kl=0.0, same_noise=True,
+      guidance=3.5, ema_decay=0.0, variance_window=1000)
+  c.rewards = {'vlm_yes': dict(kind='vlm_yes', path='', mode='pointwise',
+                               normalization='two_way', prompts='')}
+  c.optax = dict(lr=1e-5, schedule='constant', warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
+                 weight_decay=1e-4, grad_clip=1.0)
+  c.scan = dict(
+      reward=dict(vlm=vlm_preset(VLMS[arg.vlm], dtype='bfloat16'), vae='', pixel_factor=8,
+                  vae_dtype='bfloat16', max_len=384, yes_id=9454, no_id=2152),
+      candidates=CANDIDATES)
+  c.layouts = dict(LAYOUTS)
+  c.mesh = dict(axes=('data', 'fsdp', 'tensor'), ici=(1, -1, 1), dcn=(1, 1, 1), num_devices=0)
+  c.sharding_rules = DEFAULT_RULES
+  c.ckpt = dict(every=50, keep=2, async_save=True)
+  return c
