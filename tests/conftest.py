@@ -8,6 +8,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # With libtpu installed (the `tpu` extra, for the AOT tests) JAX would first try to start a TPU
 # backend; the tests run on CPU devices, and AOT topology compilation works without it.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Two pytest workers (-n 2) each load libtpu for the AOT tests; without this the second is refused.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 
