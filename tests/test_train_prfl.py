@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from configs.digits import prfl as prfl_config
-from rewarddance_jax import checkpoint as ckpt_lib
 from rewarddance_jax import metrics as metrics_lib
+from rewarddance_jax.rewards import base, registry
 from rewarddance_jax.rl import prfl as prfl_lib
 from rewarddance_jax.train import prfl as prfl_trainer
 
@@ -26,9 +26,19 @@ def test_prfl_loss_hand_values_and_gradient():
     prfl_lib.prfl_loss(jnp.ones((2, 2)), fm)
 
 
+def _prompt_aware_intensity(name):
+  """Mean intensity that, like the process reward, needs the prompt tokens in its batch."""
+  def fn(params, samples, batch, key):
+    del params, key
+    assert batch['tokens'].shape[0] == samples['pixels'].shape[0]
+    return jnp.mean(samples['pixels'], axis=(1, 2, 3))
+  return base.Reward(name=name, fn=fn, inputs='pixels', differentiable=True)
+
+
 def test_prfl_trainer_updates_the_generator_through_the_reward(tmp_path):
+  registry.register('prompt_aware_intensity', _prompt_aware_intensity)
   cfg = prfl_config.get_config('runlocal')
-  cfg.rewards = {'mean_intensity': {'weight': 1.0}}
+  cfg.rewards = {'prompt_aware_intensity': {'weight': 1.0}}
   cfg.samples.every = 0
   cfg.mesh.num_devices = 1
   cfg.total_steps = 3

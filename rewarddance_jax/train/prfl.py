@@ -79,7 +79,8 @@ def make_prfl_step(graphdef, tx: optax.GradientTransformation, pcfg: PRFLConfig,
     x0_hat = x_s - sig * v
     samples = {'noisy_latents': x_next, 'sigma': jnp.full((b,), sig_next),
                'latents': x0_hat, 'pixels': grpo.decode_unit(x0_hat)}
-    r = rewards.total(samples, {'labels': batch['labels']}, k_rew)
+    # The process reward reads the prompt (its backbone is the generator's text path).
+    r = rewards.total(samples, {'labels': batch['labels'], **cond}, k_rew)
 
     x0 = batch['images'] * 2.0 - 1.0
     k_sig, k_eps = jax.random.split(k_fm)
