@@ -104,3 +104,15 @@ def policy_state(params, pshard, tx, mesh, ema_decay: float) -> tuple[dict, dict
     state['ema'] = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=pshard)(params)
     shardings['ema'] = pshard
   return state, shardings
+
+
+def run_loop(config, workdir: str, *, desc: str, state, shardings, step_fn, data_iter, to_device,
+             mesh, rules, hooks=(), consts=None):
+  """`loop.run` with what every trainer takes from its config: loop settings, the base key from
+  `config.seed`, the config saved with each checkpoint, and the mesh + rules context."""
+  from rewarddance_jax.train import loop as loop_lib  # pylint: disable=import-outside-toplevel
+  return loop_lib.run(
+      workdir=workdir, loop=loop_lib.LoopConfig.from_config(config, desc=desc), state=state,
+      state_shardings=shardings, step_fn=step_fn, data_iter=data_iter, to_device=to_device,
+      key=jax.random.key(int(config.seed)), mesh=mesh, hooks=hooks, config_json=config.to_dict(),
+      context=lambda: mesh_context(mesh, rules), consts=consts)

@@ -81,14 +81,9 @@ def train(config, workdir: str) -> dict:
     return sharding_lib.host_to_global(
         {k: batch[k] for k in ('images', 'tokens', 'mask')}, mesh, rules)
 
-  hooks = []
-  if int(config.samples.get('every', 0)) > 0:
-    hooks.append((int(config.samples.every),
-                  generate.make_judge_hook(config, graphdef, tok, workdir, IMAGE_SHAPE)))
   step_fn = make_train_step(graphdef, tx, config.flow, ema_decay)
-  loop_cfg = loop_lib.LoopConfig.from_config(config, desc='flow')
-  state, last = loop_lib.run(
-      workdir=workdir, loop=loop_cfg, state=state, state_shardings=shardings, step_fn=step_fn,
-      data_iter=data_iter, to_device=to_device, key=jax.random.key(int(config.seed)), mesh=mesh,
-      hooks=hooks, config_json=config.to_dict(), context=lambda: common.mesh_context(mesh, rules))
+  state, last = common.run_loop(
+      config, workdir, desc='flow', state=state, shardings=shardings, step_fn=step_fn,
+      data_iter=data_iter, to_device=to_device, mesh=mesh, rules=rules,
+      hooks=generate.judge_hooks(config, graphdef, tok, workdir, IMAGE_SHAPE))
   return {'step': last}

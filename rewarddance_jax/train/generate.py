@@ -160,3 +160,22 @@ def search_digits(graphdef, params, tok, sampler_cfg, score, *, per_class: int, 
   else:
     raise ValueError(f'search method {method!r} is not one of (bon, sop).')
   return np.asarray(to_unit(res.x0), np.float32), labels, prompts, int(res.model_calls)
+
+
+def judge_hooks(config, graphdef, tok, workdir: str, image_shape: tuple[int, ...], rewards=None):
+  """The loop hooks of a digits generator trainer: `make_judge_hook` every `config.samples.every`
+  steps (none when 0), adding the mean of `rewards` (a WeightedRewards) on those samples as
+  'sample_reward' when given."""
+  every = int(config.samples.get('every', 0))
+  if every <= 0:
+    return []
+  extra = None
+  if rewards is not None:
+    score = jax.jit(lambda r, images, labels: r.total(
+        {'pixels': images, 'latents': images * 2.0 - 1.0}, {'labels': labels},
+        jax.random.key(0)))
+
+    def extra(images, labels):
+      return {'sample_reward': float(jnp.mean(score(rewards, images, labels)))}
+
+  return [(every, make_judge_hook(config, graphdef, tok, workdir, image_shape, extra=extra))]

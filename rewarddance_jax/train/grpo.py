@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rewarddance_jax.data import digits, pipeline, prompts as prompts_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import registry
-from rewarddance_jax.train import common, generate, grpo_step, loop as loop_lib, optim
+from rewarddance_jax.train import common, generate, grpo_step, optim
 
 IMAGE_SHAPE = (16, 16, 1)
 
@@ -89,20 +89,8 @@ def train(config, workdir: str) -> dict:
       graphdef, tx, gcfg, IMAGE_SHAPE, reward_names=rewards.names,
       reward_weights=rewards.weights, decode=decode_unit)
 
-  score = jax.jit(lambda r, images, labels: r.total(
-      {'pixels': images, 'latents': images * 2.0 - 1.0}, {'labels': labels}, jax.random.key(0)))
-
-  def reward_of_samples(images, labels):
-    return {'sample_reward': float(jnp.mean(score(rewards, images, labels)))}
-
-  hooks = []
-  if int(config.samples.get('every', 0)) > 0:
-    hooks.append((int(config.samples.every), generate.make_judge_hook(
-        config, graphdef, tok, workdir, IMAGE_SHAPE, extra=reward_of_samples)))
-  loop_cfg = loop_lib.LoopConfig.from_config(config, desc='grpo')
-  state, last = loop_lib.run(
-      workdir=workdir, loop=loop_cfg, state=state, state_shardings=shardings, step_fn=step_fn,
-      data_iter=data_iter, to_device=to_device, key=jax.random.key(int(config.seed)), mesh=mesh,
-      hooks=hooks, config_json=config.to_dict(), context=lambda: common.mesh_context(mesh, rules),
-      consts=consts)
+  hooks = generate.judge_hooks(config, graphdef, tok, workdir, IMAGE_SHAPE, rewards)
+  state, last = common.run_loop(
+      config, workdir, desc='grpo', state=state, shardings=shardings, step_fn=step_fn,
+      data_iter=data_iter, to_device=to_device, mesh=mesh, rules=rules, hooks=hooks, consts=consts)
   return {'step': last}

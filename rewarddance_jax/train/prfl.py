@@ -124,14 +124,10 @@ def train(config, workdir: str) -> dict:
     return sharding_lib.host_to_global(
         {k: batch[k] for k in ('images', 'labels', 'tokens', 'mask')}, mesh, rules)
 
-  hooks = []
-  if int(config.samples.get('every', 0)) > 0:
-    hooks.append((int(config.samples.every),
-                  generate.make_judge_hook(config, graphdef, tok, workdir, IMAGE_SHAPE)))
-  state, last = loop_lib.run(
-      workdir=workdir, loop=loop_lib.LoopConfig.from_config(config, desc='prfl'), state=state,
-      state_shardings=shardings, step_fn=make_prfl_step(graphdef, tx, pcfg, IMAGE_SHAPE),
-      data_iter=data_iter, to_device=to_device, key=jax.random.key(int(config.seed)), mesh=mesh,
-      hooks=hooks, config_json=config.to_dict(), context=lambda: common.mesh_context(mesh, rules),
+  state, last = common.run_loop(
+      config, workdir, desc='prfl', state=state, shardings=shardings,
+      step_fn=make_prfl_step(graphdef, tx, pcfg, IMAGE_SHAPE), data_iter=data_iter,
+      to_device=to_device, mesh=mesh, rules=rules,
+      hooks=generate.judge_hooks(config, graphdef, tok, workdir, IMAGE_SHAPE),
       consts={'rewards': rewards})
   return {'step': last}

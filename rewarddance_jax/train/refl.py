@@ -329,19 +329,8 @@ def train(config, workdir: str) -> dict:
         {k: batch[k] for k in ('images', 'labels', 'tokens', 'mask')}, mesh, rules)
 
   step_fn = make_refl_step(graphdef, tx, rcfg, IMAGE_SHAPE, decode=grpo.decode_unit)
-  hooks = []
-  if int(config.samples.get('every', 0)) > 0:
-    score = jax.jit(lambda r, images, labels: r.total(
-        {'pixels': images, 'latents': images * 2.0 - 1.0}, {'labels': labels},
-        jax.random.key(0)))
-    extra = lambda images, labels: {  # pylint: disable=unnecessary-lambda-assignment
-        'sample_reward': float(jnp.mean(score(rewards, images, labels)))}
-    hooks.append((int(config.samples.every), generate.make_judge_hook(
-        config, graphdef, tok, workdir, IMAGE_SHAPE, extra=extra)))
-  loop_cfg = loop_lib.LoopConfig.from_config(config, desc='refl')
-  state, last = loop_lib.run(
-      workdir=workdir, loop=loop_cfg, state=state, state_shardings=shardings, step_fn=step_fn,
-      data_iter=data_iter, to_device=to_device, key=jax.random.key(int(config.seed)), mesh=mesh,
-      hooks=hooks, config_json=config.to_dict(), context=lambda: common.mesh_context(mesh, rules),
-      consts=consts)
+  hooks = generate.judge_hooks(config, graphdef, tok, workdir, IMAGE_SHAPE, rewards)
+  state, last = common.run_loop(
+      config, workdir, desc='refl', state=state, shardings=shardings, step_fn=step_fn,
+      data_iter=data_iter, to_device=to_device, mesh=mesh, rules=rules, hooks=hooks, consts=consts)
   return {'step': last}
