@@ -110,6 +110,54 @@ def format_table(rows) -> str:
       f"{r['reward_mean']:.4f} | {r['reward_std']:.4f} |\n" for r in rows)
 
 
+def _window_std(directory: str) -> tuple[float, float] | None:
+  """(first, last) logged reward-variance window std of an RL stage (RewardDance §4.7)."""
+  pts = [m['reward_window_std'] for m in metrics_lib.read_metrics(directory)
+         if 'reward_window_std' in m] if os.path.exists(
+             os.path.join(directory, 'metrics.jsonl')) else []
+  return (pts[0], pts[-1]) if pts else None
+
+
+def acceptance_checks(rows, dirs: dict, records: dict, targets) -> list[tuple[str, str, bool]]:
+  """The main job's targets (issue 7) checked on this run: (criterion, measured, passed)."""
+  by = {r['method']: r for r in rows}
+  out = []
+  if 'base' not in by:
+    return out
+  base = by['base']['judge_accuracy']
+  lo, hi = targets['base_judge']
+  out.append((f'base judge accuracy in [{lo:.0%}, {hi:.0%}]', f'{base:.1%}', lo <= base <= hi))
+  grpo = targets['grpo_stage']
+  if grpo in by:
+    gain = by[grpo]['judge_accuracy'] - base
+    out.append((f'{grpo} raises the judge by ≥ {100 * targets["grpo_gain"]:.0f} points',
+                f'{100 * gain:+.1f} points', gain >= targets['grpo_gain']))
+    window = _window_std(dirs[grpo])
+    if window:
+      ratio = window[1] / max(window[0], 1e-12)
+      out.append((f'{grpo} reward std at the end ≥ {targets["std_ratio"]:.0%} of its start '
+                  '(reward-variance window)', f'{window[0]:.3f} → {window[1]:.3f} ({ratio:.0%})',
+                  ratio >= targets['std_ratio']))
+  for r in rows:
+    if r['method'] in dirs and r['method'] not in ('base', grpo):
+      gain = r['judge_accuracy'] - base
+      out.append((f'{r["method"]} improves the judge over the base', f'{100 * gain:+.1f} points',
+                  gain > 0))
+  bon = [r for r in rows if 'best-of-' in r['method']]
+  sop = [r for r in rows if 'search over paths' in r['method']]
+  if bon and sop:
+    b, s = bon[0], sop[0]
+    out.append(('search over paths ≥ best-of-N at equal model calls (verifier reward; judge)',
+                f"{s['reward_mean']:.4f} vs {b['reward_mean']:.4f} at {s['model_calls']} vs "
+                f"{b['model_calls']} calls; judge {100 * s['judge_accuracy']:.1f}% vs "
+                f"{100 * b['judge_accuracy']:.1f}%",
+                s['reward_mean'] >= b['reward_mean'] and s['model_calls'] <= b['model_calls']))
+  total = sum(r['seconds'] for r in records.values())
+  out.append((f'stages ≤ {targets["minutes"]} minutes (sum of the stage wall times, this machine)',
+              f'{total / 60:.1f} min', total <= 60 * targets['minutes']))
+  return out
+
+
 def evaluate_pipeline(config, workdir: str, records: dict) -> dict:
   from rewarddance_jax import judge as judge_lib  # pylint: disable=import-outside-toplevel
   from rewarddance_jax.train import pipeline  # pylint: disable=import-outside-toplevel
@@ -142,8 +190,11 @@ def evaluate_pipeline(config, workdir: str, records: dict) -> dict:
       rl_stages.append(name)
   curves = _curves(rl_stages, dirs, workdir)
   table = format_table(rows)
+  checks = acceptance_checks(rows, dirs, records, config.targets) if 'targets' in config else []
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump({'seed': int(config.seed), 'rows': rows, 'stages': records}, f, indent=1)
+    json.dump({'seed': int(config.seed), 'rows': rows, 'stages': records,
+               'checks': [dict(criterion=c, measured=m, passed=p) for c, m, p in checks]}, f,
+              indent=1)
   lines = ['# Digits alignment pipeline: report', '',
            f'Seed {int(config.seed)}. Judge: the scikit-learn digit classifier trained on real '
            'digits that no reward sees. Reward: the yardstick reward '
@@ -151,6 +202,9 @@ def evaluate_pipeline(config, workdir: str, records: dict) -> dict:
            '(10 digit prompts × per_class, one fixed key); reward std is the diversity column.',
            '', table, '## Stages', '', '| stage | trainer | wall time |', '|---|---|---|']
   lines += [f"| {n} | {r['trainer']} | {r['seconds']:.0f} s |" for n, r in records.items()]
+  if checks:
+    lines += ['', '## Targets', '', '| target | measured | met |', '|---|---|---|']
+    lines += [f"| {c} | {m} | {'yes' if p else '**no**'} |" for c, m, p in checks]
   lines += ['', '## Samples (one row per digit)', '']
   lines += [f'**{name}**\n\n![{name}]({png})\n' for name, png in grids]
   if curves:
@@ -158,4 +212,37 @@ def evaluate_pipeline(config, workdir: str, records: dict) -> dict:
   path = os.path.join(workdir, 'report.md')
   with open(path, 'w') as f:
     f.write('\n'.join(lines) + '\n')
-  return {'path': path, 'rows': rows, 'summary': table}
+  summary = table + ''.join(f"{'ok ' if p else 'NO '} {c}: {m}\n" for c, m, p in checks)
+  return {'path': path, 'rows': rows, 'summary': summary}
+
+
+def summarize_runs(workdirs) -> tuple[str, list[dict]]:
+  """Mean and spread (min–max) per method over several pipeline runs (e.g. two seeds), from
+  their `results.json`; returns (markdown table, rows)."""
+  runs = []
+  for d in workdirs:
+    path = os.path.join(d, 'results.json')
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{path}: no results.json (run the pipeline there first).')
+    with open(path) as f:
+      runs.append(json.load(f))
+  methods = [r['method'] for r in runs[0]['rows']]
+  out = []
+  for m in methods:
+    vals = [next((r for r in run['rows'] if r['method'] == m), None) for run in runs]
+    if any(v is None for v in vals):
+      continue
+    row = {'method': m, 'seeds': [run['seed'] for run in runs]}
+    for k in ('judge_accuracy', 'reward_mean', 'reward_std'):
+      xs = np.array([v[k] for v in vals], np.float64)
+      row[k] = {'mean': float(xs.mean()), 'min': float(xs.min()), 'max': float(xs.max())}
+    out.append(row)
+  seeds = ', '.join(str(run['seed']) for run in runs)
+  table = (f'Seeds {seeds}: mean [min – max]\n\n| method | judge accuracy | reward mean | reward std |'
+           '\n|---|---|---|---|\n')
+  fmt = lambda d, pct: (f"{100 * d['mean']:.1f}% [{100 * d['min']:.1f} – {100 * d['max']:.1f}]"  # pylint: disable=unnecessary-lambda-assignment
+                        if pct else f"{d['mean']:.4f} [{d['min']:.4f} – {d['max']:.4f}]")
+  table += ''.join(f"| {r['method']} | {fmt(r['judge_accuracy'], True)} | "
+                   f"{fmt(r['reward_mean'], False)} | {fmt(r['reward_std'], False)} |\n"
+                   for r in out)
+  return table, out

@@ -72,4 +72,8 @@ def get_config(arg=None):
   c.evaluate = dict(per_class=2 if arg.smoke else 20, sop_n=4, sop_m=2, sop_delta_f=0.1, sop_every=4,
                     reward={'vlm': dict(kind='vlm_yes', path='{reward_vlm}/reward_model',
                                         mode='pointwise', normalization='two_way')})
+  # The targets the report checks (issue 7): the base's judge accuracy window, GRPO-VLM's gain
+  # and its reward-std ratio (end/start of the reward-variance window), the stage-time budget.
+  c.targets = dict(base_judge=(0.40, 0.75), grpo_stage='grpo_vlm', grpo_gain=0.15, std_ratio=0.5,
+                   minutes=15)
   return c

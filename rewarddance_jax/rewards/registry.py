@@ -18,12 +18,13 @@ Builder = Callable[..., base.Reward]
 
 
 def _vlm_yes(name: str, path: str, mode: str = 'pointwise', normalization: str = 'two_way',
-             prompts: str = 'digits', ref_images: str = '') -> base.Reward:
+             prompts: str = 'digits', ref_images: str = '', native_size: int = 0) -> base.Reward:
   """A trained VLM yes-token reward (RewardDance) saved by the vlm_reward trainer at `path`.
 
   prompts='digits' scores against the ten digit prompts indexed by batch['labels'];
   prompts='' reads batch['vlm_ids'/'vlm_pos']. ref_images: a samples npz of one reference image
-  per label for the pairwise mode (else batch['ref_pixels']).
+  per label for the pairwise mode (else batch['ref_pixels']). native_size: see
+  `vlm_yes.vlm_yes_reward`.
   """
   from rewarddance_jax.data import digits, samples  # pylint: disable=import-outside-toplevel
   from rewarddance_jax.rewards import vlm_export  # pylint: disable=import-outside-toplevel
@@ -36,7 +37,7 @@ def _vlm_yes(name: str, path: str, mode: str = 'pointwise', normalization: str =
       raise ValueError(f'{ref_images}: no reference image for label(s) {missing}.')
     refs = loaded['images'][[int(np.flatnonzero(loaded['labels'] == l)[0]) for l in range(10)]]
   return vlm_export.load_vlm_reward(path, mode, normalization, prompts=table, ref_images=refs,
-                                    name=name)
+                                    native_size=int(native_size), name=name)
 
 def _latent(name: str, path: str, sigmas=None, output: str = 'sigmoid') -> base.Reward:
   """A trained latent reward (DiNa-LRM Thurstone or PAVRM process) of a latent_reward run."""

@@ -189,16 +189,34 @@ def vlm_tiles(tile_spec: TileSpec, mode: str, pixels: jax.Array,
   return tiles
 
 
+def native_projection(pixels: jax.Array, size: int) -> jax.Array:
+  """(B, H, W, C) → the nearest image (least squares) that a `size`×`size` source upsampled by
+  bilinear interpolation can produce: x ↦ P x Pᵀ per channel, P = U U⁺ with U the (H, size)
+  matrix of the 1-D bilinear upsampling. Images of that form (the digits are 8×8 scans shown at
+  16×16) pass unchanged; detail finer than the data can hold is removed, so a generator cannot
+  raise the reward with it.
+  """
+  _, h, w, _ = pixels.shape
+  if h != w:
+    raise ValueError(f'native_size needs square images, got {h}x{w}.')
+  eye = jnp.eye(size, dtype=jnp.float32)
+  up = jax.image.resize(eye, (h, size), 'linear', antialias=True)         # (H, size) = U
+  proj = up @ jnp.linalg.pinv(up)                                         # (H, H) = U U⁺
+  return jnp.einsum('ij,bjkc,lk->bilc', proj, pixels.astype(jnp.float32), proj)
+
+
 def vlm_yes_reward(graphdef, model_params, prompter: Prompter, tile_spec: TileSpec, *,
                    normalization: str = 'two_way', prompts: Sequence[str] | None = None,
                    index_key: str = 'labels', ref_images: Any = None,
-                   name: str | None = None) -> base.Reward:
+                   native_size: int = 0, name: str | None = None) -> base.Reward:
   """The `Reward` r = P("yes"); pure fn(params, samples, batch, key) → (B,).
 
   Token ids come from `batch['vlm_ids']` and `batch['vlm_pos']` (from `prompter.encode`) or,
   when `prompts` is given, from a table of those prompts encoded once and indexed by
   `batch[index_key]` (e.g. the digit labels). Pairwise references come from
   `batch['ref_pixels']` or, when `ref_images` (P, H, W, C) is given, `ref_images[index]`.
+  `native_size` > 0 first resizes the generated images to the data's native resolution and back
+  (`native_projection`), so the reward sees what its training data can hold.
   """
   if normalization not in NORMALIZATIONS:
     raise ValueError(f'normalization={normalization!r} is not one of {NORMALIZATIONS}.')
@@ -224,7 +242,10 @@ def vlm_yes_reward(graphdef, model_params, prompter: Prompter, tile_spec: TileSp
     ref = batch.get('ref_pixels')
     if ref is None and 'ref_images' in p and mode == 'pairwise':
       ref = p['ref_images'][jnp.asarray(batch[index_key], jnp.int32)]
-    tiles = vlm_tiles(tile_spec, mode, samples['pixels'], ref)
+    pixels = samples['pixels']
+    if native_size:
+      pixels = native_projection(pixels, native_size)
+    tiles = vlm_tiles(tile_spec, mode, pixels, ref)
     logits = answer_logits(graphdef, p['model'], ids, pos, tiles)
     return yes_probability(logits, yes_ids, no_ids, normalization)
 
