@@ -109,7 +109,8 @@ def test_rationale_jsonl_reader(tmp_path):
   assert sorted(tok.id_to_token(int(t)) for t in batch['q_targets'][batch['q_mask']][::7]) == [
       'no', 'yes']
   bad_lines = {'{"prompt": "x", "image_1": "a.npy",': 'not valid JSON',
-               json.dumps({k: v for k, v in good.items() if k != 'answer'}): "missing \\['answer'\\]",
+               json.dumps({k: v for k, v in good.items() if k != 'answer'}):
+                   "missing \\['answer'\\]",
                json.dumps(dict(good, answer='maybe')): 'answer',
                json.dumps(dict(good, image_2='nope.npy')): 'not found'}
   for line, why in bad_lines.items():
@@ -120,7 +121,8 @@ def test_rationale_jsonl_reader(tmp_path):
 
 class _BrightnessPairs:
   """Pairwise batches where the better image is the brighter one: two digit images scaled by
-  brightness factors 0.3 to 0.4 apart; "yes" when image 2 is the brighter (order drawn at random)."""
+  brightness factors 0.3 to 0.4 apart; "yes" when image 2 is the brighter (order drawn at
+  random)."""
 
   def __init__(self, split, prompter, batch_size, seed):
     data = digits.load_split(split)
