@@ -159,26 +159,28 @@ def trained():
   `vlm_reward.make_train_step` on the pairwise loss only, on "better = brighter" pairs."""
   old = jax.config.read('jax_disable_most_optimizations')
   jax.config.update('jax_disable_most_optimizations', True)
-  c, tok, cfg, spec, prompters, mesh, rules = _setup(
-      'lora=8,freeze_vision', pointwise_weight=0.0, caption_weight=0.0)
-  c.vlm.scan_layers = True
-  c.vlm.vision.update(hidden_size=32, intermediate_size=64)
-  c.vlm.text.update(hidden_size=32, intermediate_size=64)
-  c.optax.update(lr=3e-3, warmup_steps=0, decay_steps=STEPS)
-  cfg = vlm_reward.model_config(c, tok)
-  graphdef, state, _, tx, to_model = vlm_reward.build_state(c, cfg, mesh, rules)
-  init = jax.device_get(state)
-  p = prompters['pairwise']
-  step = jax.jit(vlm_reward.make_train_step(graphdef, tx, spec, p.yes_ids, p.no_ids,
-                                            c.reward_model, to_model))
-  batches = _BrightnessPairs('train', p, 16, seed=0)
-  losses = []
-  with common.mesh_context(mesh, rules):
-    for i in range(STEPS):
-      state, m = step(state, next(batches), jax.random.key(i))
-      assert int(m['skipped']) == 0
-      losses.append(float(m['loss']))
-  jax.config.update('jax_disable_most_optimizations', old)
+  try:
+    c, tok, cfg, spec, prompters, mesh, rules = _setup(
+        'lora=8,freeze_vision', pointwise_weight=0.0, caption_weight=0.0)
+    c.vlm.scan_layers = True
+    c.vlm.vision.update(hidden_size=32, intermediate_size=64)
+    c.vlm.text.update(hidden_size=32, intermediate_size=64)
+    c.optax.update(lr=3e-3, warmup_steps=0, decay_steps=STEPS)
+    cfg = vlm_reward.model_config(c, tok)
+    graphdef, state, _, tx, to_model = vlm_reward.build_state(c, cfg, mesh, rules)
+    init = jax.device_get(state)
+    p = prompters['pairwise']
+    step = jax.jit(vlm_reward.make_train_step(graphdef, tx, spec, p.yes_ids, p.no_ids,
+                                              c.reward_model, to_model))
+    batches = _BrightnessPairs('train', p, 16, seed=0)
+    losses = []
+    with common.mesh_context(mesh, rules):
+      for i in range(STEPS):
+        state, m = step(state, next(batches), jax.random.key(i))
+        assert int(m['skipped']) == 0
+        losses.append(float(m['loss']))
+  finally:
+    jax.config.update('jax_disable_most_optimizations', old)
   return dict(graphdef=graphdef, init=init, state=state, to_model=to_model, losses=losses,
               tok=tok, cfg=cfg, spec=spec, prompters=prompters)
 
