@@ -8,6 +8,9 @@ answer CE, order swapped at random). The end of the run exports `WORKDIR/reward_
 Launch:
   python -m launch.train --config=configs/digits/reward_vlm.py --workdir=/tmp/digits_rm
   python -m launch.train --config=configs/digits/reward_vlm.py:runlocal --workdir=/tmp/rm_smoke
+Options (`:opt1,opt2=v`): `rationale` trains on CoT rationales built from the labels
+("yes . the image is a seven"; max_len 40); `lora=R` trains rank-R LoRA on the LM kernels
+(+ the vision side unless `freeze_vision`) instead of every weight.
 Score samples with it:
   python -m launch.score --reward=/tmp/digits_rm/reward_model --images=SAMPLES.npz
 """
@@ -16,10 +19,11 @@ import ml_collections
 
 from rewarddance_jax.config_lib import parse_arg
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES
+from rewarddance_jax.train.vlm_lora import LM_TARGETS
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, runlocal=False, steps=0)
+  arg = parse_arg(arg, runlocal=False, steps=0, rationale=False, lora=0, freeze_vision=False)
   steps = arg.steps or (10 if arg.runlocal else 800)
   c = ml_collections.ConfigDict()
   c.trainer = 'vlm_reward'
@@ -46,7 +50,16 @@ def get_config(arg=None):
                      pairwise='{prompt} : <image> <image> is image 2 better than image 1 ?',
                      caption='<image> a handwritten digit'),
       criteria='', max_len=24, lambda_ce=0.1, first_token_weight=None,
-      train_normalization='full', graded_fraction=0.25, caption_weight=1.0)
+      train_normalization='full', graded_fraction=0.25, caption_weight=1.0,
+      pointwise_weight=1.0, pairwise_weight=1.0,
+      # CoT rationale tokens after the yes/no answer (data/vlm_rationales.py); their CE weight
+      # is PaCo's n(1 − α)/(n − 1) with None, else this constant (α = first_token_weight).
+      rationale=arg.rationale, rationale_token_weight=None,
+      # LoRA on the LM's attention + MLP kernels (train/vlm_lora.py); rank 0 = full training.
+      lora=dict(rank=arg.lora, alpha=2.0 * max(arg.lora, 1), targets=LM_TARGETS,
+                train_vision=not arg.freeze_vision))
+  if arg.rationale:
+    c.reward_model.max_len = 40
   c.data = dict(batch_size=32)
   c.optax = dict(lr=2e-3, schedule='cosine', warmup_steps=100, decay_steps=steps,
                  end_lr_fraction=0.05, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,

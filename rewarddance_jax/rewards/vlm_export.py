@@ -3,7 +3,8 @@
 Layout of `DIR` (no pickle): `params.safetensors` (flat '/'-joined param paths, fp32),
 `vlm.json` (the VLMConfig, tile spec and both prompters' settings), `tokenizer.json`.
 `load_vlm_reward(DIR, mode, normalization, prompts=...)` rebuilds the graphdef from the config and
-returns `vlm_yes.vlm_yes_reward(...)`, ready for `WeightedRewards`.
+returns `vlm_yes.vlm_yes_reward(...)`, ready for `WeightedRewards`. A LoRA-trained reward is saved
+with the LoRA merged into the kernels (train/vlm_lora.py), so it loads like a fully trained one.
 """
 
 from __future__ import annotations

@@ -3,12 +3,15 @@
 1. `yes_probability(logits, yes_ids, no_ids, normalization)`: r = P("yes") from the answer
    position's logits (RD §3.2.1 Eq. 2); 'full' = Σ_{y∈yes} softmax(l)_y, 'two_way' =
    σ(logsumexp l_yes − logsumexp l_no) (several ids per answer sum case/spacing variants).
-2. `answer_weights(mask, first_token_weight)`: per-token weights of the answer (+ CoT) tokens.
-   None: all 1. α: the first answer token gets α and each of the other n−1 tokens n(1−α)/(n−1)
-   (PaCo-Reward's first-token weighting; a one-token answer keeps weight 1).
-3. `token_ce(logits, targets, mask, first_token_weight)`: pairwise generative loss (RD §3.2.1:
-   next-token CE on "yes"/"no", optionally followed by rationale tokens):
-     L = mean_b [ Σ_t w_bt · (−log softmax(logits_bt)[target_bt]) / n_b ],  n_b = Σ_t mask_bt.
+2. `answer_weights(mask, first_token_weight, rest_weight)`: per-token weights of the answer
+   (+ CoT rationale) tokens. first_token_weight None: all 1. α: the first answer token gets α
+   and each of the other n−1 tokens n(1−α)/(n−1) (PaCo-Reward's first-token weighting, weights
+   sum to n) or, with `rest_weight` = c, the constant c (c = 1: the rationale tokens keep their
+   plain CE weight); a one-token answer keeps weight 1.
+3. `token_ce(logits, targets, mask, first_token_weight, rest_weight)`: pairwise generative loss
+   (RD §3.2.1: next-token CE on "yes"/"no", optionally followed by rationale tokens):
+     L = mean_b ℓ_b,  ℓ_b = Σ_t w_bt · (−log softmax(logits_bt)[target_bt]) / n_b,
+     n_b = Σ_t mask_bt;  `token_nll_rows` returns ℓ_b (B,).
 4. `pointwise_bt_loss(logits_w, logits_l, ...)`: pointwise generative loss (RD §3.2.3, our
    coefficient λ = 0.1): with s = log P(yes) at the answer position,
      L = mean_b [ −log σ(s_w − s_l) + λ·(−log P(yes | x_w) − log P(no | x_l)) ].
@@ -48,7 +51,8 @@ def yes_probability(logits: jax.Array, yes_ids: Sequence[int], no_ids: Sequence[
   return jnp.exp(log_yes_no(logits, yes_ids, no_ids, normalization)[0])
 
 
-def answer_weights(mask: jax.Array, first_token_weight: float | None = None) -> jax.Array:
+def answer_weights(mask: jax.Array, first_token_weight: float | None = None,
+                   rest_weight: float | None = None) -> jax.Array:
   """Weights (B, T) of the answer tokens marked by `mask` (contiguous per row)."""
   mask = mask.astype(jnp.float32)
   if first_token_weight is None:
@@ -56,19 +60,30 @@ def answer_weights(mask: jax.Array, first_token_weight: float | None = None) -> 
   alpha = float(first_token_weight)
   n = jnp.sum(mask, axis=-1, keepdims=True)
   first = (jnp.cumsum(mask, axis=-1) == 1.0) & (mask > 0)
-  rest = n * (1.0 - alpha) / jnp.maximum(n - 1.0, 1.0)
+  if rest_weight is None:
+    rest = n * (1.0 - alpha) / jnp.maximum(n - 1.0, 1.0)
+  else:
+    rest = jnp.full_like(n, float(rest_weight))
   w = jnp.where(first, alpha, rest) * mask
   return jnp.where(n == 1.0, mask, w)
 
 
-def token_ce(logits: jax.Array, targets: jax.Array, mask: jax.Array,
-             first_token_weight: float | None = None) -> jax.Array:
-  """Weighted next-token CE over the answer tokens; logits (B, T, V), targets/mask (B, T)."""
+def token_nll_rows(logits: jax.Array, targets: jax.Array, mask: jax.Array,
+                   first_token_weight: float | None = None,
+                   rest_weight: float | None = None) -> jax.Array:
+  """Per-row weighted next-token CE ℓ_b (B,); logits (B, T, V), targets/mask (B, T)."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  w = answer_weights(mask, first_token_weight)
+  w = answer_weights(mask, first_token_weight, rest_weight)
   n = jnp.maximum(jnp.sum(mask.astype(jnp.float32), axis=-1), 1.0)
-  return jnp.mean(jnp.sum(w * nll, axis=-1) / n)
+  return jnp.sum(w * nll, axis=-1) / n
+
+
+def token_ce(logits: jax.Array, targets: jax.Array, mask: jax.Array,
+             first_token_weight: float | None = None,
+             rest_weight: float | None = None) -> jax.Array:
+  """Weighted next-token CE over the answer tokens, mean over rows (module doc, item 3)."""
+  return jnp.mean(token_nll_rows(logits, targets, mask, first_token_weight, rest_weight))
 
 
 def pointwise_bt_loss(logits_w: jax.Array, logits_l: jax.Array, yes_ids: Sequence[int],
