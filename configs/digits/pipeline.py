@@ -47,9 +47,15 @@ def get_config(arg=None):
       'grpo_vlm': dict(
           config='configs.digits.grpo', arg=f'{local}init={{base}},steps={arg.grpo_steps}',
           needs=['base', 'reward_vlm'],
-          overrides=no_samples,
+          # 10 prompts × G = 8, lr 3e-4, clip 1e-2 and the velocity-form KL to the base (β = 2):
+          # without the KL the judge swung between 40% and 60% while P(yes) kept rising (reward
+          # hacking); with it, it held at +6.5 points (measured, see the issue note).
+          overrides=dict(no_samples, optax={'lr': 3e-4},
+                         grpo={'clip_range': 1e-2, 'kl_beta': 2.0},
+                         data={'batch_size': 8 if arg.smoke else 80}),
           replace={'rewards': {'vlm': dict(kind='vlm_yes', path='{reward_vlm}/reward_model',
-                                           mode='pointwise', normalization='two_way')}}),
+                                           mode='pointwise', normalization='two_way',
+                                           native_size=8)}}),
       'grpo_thurstone': dict(
           config='configs.digits.grpo', arg=f'{local}init={{base}},steps={arg.grpo_steps}',
           needs=['base', 'reward_thurstone'], overrides=no_samples,
@@ -62,16 +68,17 @@ def get_config(arg=None):
       'refl': dict(
           config='configs.digits.refl', needs=['base', 'reward_vlm'], overrides=no_samples,
           arg=(f'{local}init={{base}},steps={arg.refl_steps},reward=vlm_yes,'
-               'reward_path={reward_vlm}/reward_model')),
+               'reward_path={reward_vlm}/reward_model,native=8')),
       'r0': dict(
           config='configs.digits.r0', needs=['base', 'reward_vlm'], overrides=no_samples,
           arg=(f'{local}init={{base}},steps={arg.r0_steps},reward=vlm_yes,'
-               'reward_path={reward_vlm}/reward_model')),
+               'reward_path={reward_vlm}/reward_model,native=8')),
   }
   # The yardstick reward of the report: the trained VLM reward, pointwise.
   c.evaluate = dict(per_class=2 if arg.smoke else 20, sop_n=4, sop_m=2, sop_delta_f=0.1, sop_every=4,
                     reward={'vlm': dict(kind='vlm_yes', path='{reward_vlm}/reward_model',
-                                        mode='pointwise', normalization='two_way')})
+                                        mode='pointwise', normalization='two_way',
+                                        native_size=8)})
   # The targets the report checks (issue 7): the base's judge accuracy window, GRPO-VLM's gain
   # and its reward-std ratio (end/start of the reward-variance window), the stage-time budget.
   c.targets = dict(base_judge=(0.40, 0.75), grpo_stage='grpo_vlm', grpo_gain=0.15, std_ratio=0.5,

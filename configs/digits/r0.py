@@ -8,7 +8,8 @@ With the trained pointwise VLM reward (configs/digits/reward_vlm.py):
   ...r0.py:init=/tmp/digits_flow,reward=vlm_yes,reward_path=/tmp/digits_rm/reward_model
 Options after the colon: init=<base workdir>, steps=<steps>, reward=<reward kind> (several joined
 by '+', e.g. digit_prototype+mean_intensity, each normalised separately), reward_path=<VLM reward
-dir>, lr=<lr>, l2=<λ>, plus (R0+), runlocal.
+dir>, native=<n: the VLM reward sees images projected to n×n; 8 for the digits>, lr=<lr>,
+l2=<λ>, plus (R0+), runlocal.
 """
 
 import ml_collections
@@ -20,7 +21,7 @@ from rewarddance_jax.models.presets import model_preset
 
 def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False, init='', steps=0, reward='digit_prototype', reward_path='',
-                  lr=3e-4, l2=1e-2, plus=False, model='digits')
+                  lr=3e-4, l2=1e-2, plus=False, model='digits', native=0)
   c = ml_collections.ConfigDict()
   c.trainer = 'r0'
   c.seed = 0
@@ -39,7 +40,7 @@ def get_config(arg=None):
       if not arg.reward_path:
         raise ValueError('reward=vlm_yes needs reward_path=<dir of a saved VLM reward>.')
       c.rewards[kind] = dict(weight=1.0, path=arg.reward_path, mode='pointwise',
-                             normalization='two_way', prompts='digits')
+                             normalization='two_way', prompts='digits', native_size=arg.native)
     else:
       c.rewards[kind] = dict(weight=1.0)
   c.optax = dict(lr=arg.lr, schedule='constant', warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,

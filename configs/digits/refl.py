@@ -7,7 +7,8 @@ With the trained VLM reward (configs/digits/reward_vlm.py), pairwise against a b
   ...refl.py:init=/tmp/digits_flow,reward=vlm_yes,reward_path=/tmp/digits_rm/reward_model
 Options after the colon: init=<base workdir>, steps=<steps>, reward=<reward kind>,
 reward_path=<VLM reward dir>, mode=pairwise|pointwise (vlm_yes), lr=<lr>, fm_weight=<w>,
-scale=<λ of the linear ReFL loss>, runlocal.
+scale=<λ of the linear ReFL loss>, native=<n: the VLM reward sees images projected to n×n
+(`vlm_yes.native_projection`; 8 for the digits)>, runlocal.
 """
 
 import ml_collections
@@ -19,7 +20,7 @@ from rewarddance_jax.models.presets import model_preset
 
 def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False, init='', steps=0, reward='digit_prototype', reward_path='',
-                  mode='pairwise', lr=1e-3, fm_weight=1.0, scale=5.0, model='digits')
+                  mode='pairwise', lr=1e-3, fm_weight=1.0, scale=5.0, model='digits', native=0)
   c = ml_collections.ConfigDict()
   c.trainer = 'refl'
   c.seed = 0
@@ -41,7 +42,8 @@ def get_config(arg=None):
     if not arg.reward_path:
       raise ValueError('reward=vlm_yes needs reward_path=<dir of a saved VLM reward>.')
     c.rewards = {'vlm_yes': dict(weight=1.0, path=arg.reward_path, mode=arg.mode,
-                                 normalization='two_way', prompts='digits', ref_images='')}
+                                 normalization='two_way', prompts='digits', ref_images='',
+                                 native_size=arg.native)}
   else:
     c.rewards = {arg.reward: dict(weight=1.0)}
   c.optax = dict(lr=arg.lr, schedule='constant', warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
