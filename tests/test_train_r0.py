@@ -93,6 +93,9 @@ def _setup(plus: bool, lr: float, ici=(1, 1, 1), devices=None, eps=None):
 def test_r0_gradient_through_k_steps_raises_rewards():
   state, run = _setup(plus=False, lr=1e-2)
   p0 = jax.device_get(state['params'])
+  # Key-to-key spread of the untrained generator's intensity: the noise the rise must beat.
+  noise = float(np.std([float(run(state, jax.random.key(100 + i))[1]['reward/mean_intensity_mean'])
+                        for i in range(4)]))
   intensity, l2 = [], []
   for it in range(10):
     state, m = run(state, jax.random.key(it))
@@ -106,10 +109,10 @@ def test_r0_gradient_through_k_steps_raises_rewards():
   moved = max(float(np.max(np.abs(a - b))) for a, b in
               zip(jax.tree.leaves(jax.device_get(state['params'])), jax.tree.leaves(p0)))
   assert moved > 1e-3 and l2[-1] > 0
-  noise = np.std(intensity[:3])
   assert np.mean(intensity[-3:]) > np.mean(intensity[:3]) + max(0.05, 3 * noise), intensity
 
 
+@pytest.mark.usefixtures('fast_compiles')
 def test_sharded_step_equals_single_device():
   out = {}
   for name, ici, devices in (('mesh', (2, 2, 2), jax.devices()),
@@ -124,6 +127,7 @@ def test_sharded_step_equals_single_device():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p_mesh, p_one)
 
 
+@pytest.mark.usefixtures('fast_compiles')
 def test_trainer_resume_equals_uninterrupted(tmp_path):
   def config(steps):
     c = r0_config.get_config('runlocal')
