@@ -36,6 +36,7 @@ def test_four_clipping_cases_and_stats():
   assert float(stats['ratio_mean']) == pytest.approx(5.1 / 5, rel=1e-6)
   assert float(stats['ratio_min']) == pytest.approx(0.5, rel=1e-6)
   assert float(stats['ratio_max']) == pytest.approx(1.5, rel=1e-6)
+  assert float(stats['log_ratio_max_abs']) == pytest.approx(np.log(2.0), rel=1e-6)   # |log 0.5|
   # |ρ − 1| > 0.2 for all but 1.1; two above the band, two below.
   assert float(stats['clipfrac']) == pytest.approx(4 / 5)
   assert float(stats['clipfrac_gt_one']) == pytest.approx(2 / 5)

@@ -1,4 +1,5 @@
-"""Latent reward trainer: sharded step == one device, only LoRA + head train, pairs, load_reward."""
+"""Latent reward trainer: sharded step == one device, only LoRA + head train, pairs, load_reward,
+exact resume."""
 
 import jax
 import ml_collections
@@ -106,12 +107,14 @@ def test_digit_pairs_resume_and_kinds():
     pairs_lib.DigitPairs(4, split='train', seed=0, tokenizer=tok, max_len=8, kinds=('blurry',))
 
 
-def test_train_then_load_reward(tmp_path):
+def test_train_then_load_reward_and_resume(tmp_path):
   cfg = _config()
   cfg.total_steps = 2
   cfg.eval.every = 2
   cfg.eval.sigmas = (0.5,)
   cfg.ckpt.async_save = False
+  cfg.ckpt.every = 2
+  cfg.log_every = 1
   workdir = str(tmp_path / 'pavrm')
   latent_reward.train(cfg, workdir)
   table = __import__('json').load(open(f'{workdir}/eval/accuracy_2.json'))
@@ -123,6 +126,15 @@ def test_train_then_load_reward(tmp_path):
                                      {'tokens': t, 'mask': m}))(
                                          reward, batch['chosen'], batch['tokens'], batch['mask'])
   assert out.shape == (8,) and np.all((out > 0) & (out < 1))
+  # Resume the 2-step run to 3 steps: the metrics equal an uninterrupted 3-step run's bitwise.
+  cfg.total_steps = 3
+  latent_reward.train(cfg, workdir)
+  latent_reward.train(cfg, str(tmp_path / 'straight'))
+  from rewarddance_jax import metrics as metrics_lib
+  key = lambda d: {m['step']: (m['loss'], m['acc']) for m in metrics_lib.read_metrics(d)
+                   if 'loss' in m}
+  resumed, straight = key(workdir), key(str(tmp_path / 'straight'))
+  assert sorted(resumed) == [1, 2, 3] and resumed == straight
 
 
 def test_jsonl_pairs(tmp_path):

@@ -4,19 +4,21 @@ Launch (after pretraining a base with configs/digits/flow.py):
   python -m launch.train --config=configs/digits/grpo.py:init=/tmp/digits_flow --workdir=/tmp/grpo
   python -m launch.train --config=configs/digits/grpo.py:runlocal --workdir=/tmp/smoke
 Options after the colon: init=<base workdir>, steps=<iterations>, reward=<reward kind>,
-selection=fraction|prefix|window|sliding, runlocal.
+selection=fraction|prefix|window|sliding, lora=<rank> (0 = full fine-tuning; alpha = 2·rank,
+attention kernels), runlocal.
 """
 
 import ml_collections
 
 from configs.digits.common import add_alignment
+from rewarddance_jax.nn.lora import ATTENTION_TARGETS
 from rewarddance_jax.config_lib import parse_arg
 from rewarddance_jax.models.presets import model_preset
 
 
 def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False, init='', steps=0, reward='digit_prototype',
-                  selection='fraction', model='digits')
+                  selection='fraction', model='digits', lora=0)
   c = ml_collections.ConfigDict()
   c.trainer = 'grpo'
   c.seed = 0
@@ -35,7 +37,8 @@ def get_config(arg=None):
                      iters_per_group=25, max_start=-1),
       advantage='dance', global_std=False, adv_clip=5.0, aggregation='advantage',
       clip_range=1e-3, minibatches=2, kl_beta=0.0, rollout_kl=0.0, same_noise=True,
-      guidance=0.0, ema_decay=0.0, variance_window=50)
+      guidance=0.0, ema_decay=0.0, variance_window=50,
+      lora=dict(rank=arg.lora, alpha=2.0 * max(arg.lora, 1), targets=ATTENTION_TARGETS))
   c.rewards = {arg.reward: dict(weight=1.0)}
   add_alignment(c, lr=1e-4, steps=arg.steps, runlocal=arg.runlocal)
   if arg.runlocal:

@@ -19,7 +19,9 @@ A < 0 with ρ > 1 + ε), and 0 where the clipped constant is the max (A > 0 with
 
 Logged statistics (FG:scripts/train_sd3.py): ``approx_kl = 0.5·mean((logp_new − logp_old)²)``,
 ``clipfrac = mean(|ρ − 1| > ε)``, ``clipfrac_gt_one = mean(ρ − 1 > ε)``,
-``clipfrac_lt_one = mean(1 − ρ > ε)``, plus the ratio mean/min/max; all over the kept samples.
+``clipfrac_lt_one = mean(1 − ρ > ε)``, plus the ratio mean/min/max and ``log_ratio_max_abs =
+max|logp_new − logp_old|`` (0 exactly on-policy: the recomputation reproduces the rollout's
+log-probs bit for bit); all over the kept samples.
 
 ``rollout_kl`` is MixGRPO's optional penalty toward the rollout policy,
 ``kl_coeff·0.5·mean((logp_new − logp_old)²)`` (MG:fastvideo/train_grpo_flux.py, ``kl_coeff`` 0.01 in
@@ -92,7 +94,8 @@ def clipped_surrogate(logp_new: jax.Array, logp_old: jax.Array, adv: jax.Array,
 
   Returns:
     (loss, stats): a float32 scalar, and float32 scalars ``ratio_mean``, ``ratio_min``,
-    ``ratio_max``, ``clipfrac``, ``clipfrac_gt_one``, ``clipfrac_lt_one``, ``approx_kl``, all over
+    ``ratio_max``, ``clipfrac``, ``clipfrac_gt_one``, ``clipfrac_lt_one``, ``approx_kl``,
+    ``log_ratio_max_abs``, all over
     the kept samples (the ratio min/max are 1 if none is kept).
 
   Raises:
@@ -120,5 +123,6 @@ def clipped_surrogate(logp_new: jax.Array, logp_old: jax.Array, adv: jax.Array,
       'clipfrac_gt_one': frac(ratio_sg - 1.0 > clip_range),
       'clipfrac_lt_one': frac(1.0 - ratio_sg > clip_range),
       'approx_kl': _weighted_mean(0.5 * jnp.square(jax.lax.stop_gradient(delta)), w),
+      'log_ratio_max_abs': jnp.max(jnp.where(kept, jnp.abs(jax.lax.stop_gradient(delta)), 0.0)),
   }
   return loss, stats

@@ -4,6 +4,9 @@
      (a flow or earlier alignment run's workdir) when given; AdamW state in the params' layout.
   2. Rewards from `config.rewards` (`rewards/registry.py`); a frozen copy of the initial params
      as the KL reference when `config.grpo.kl_beta > 0`. Both are passed to the step as consts.
+     With `config.grpo.lora.rank` > 0 the state holds a LoRA of the generator (`init_lora`,
+     sharded like the kernels it adapts) and the initial params become consts['base'], which is
+     also the KL reference; checkpoints then hold the LoRA, its optimizer state and 'rl'.
   3. Prompts: `config.data.prompts` (a jsonl/csv prompt file) or the digit prompts; each batch has
      batch_size / G distinct prompts, each repeated G times adjacently (`data/pipeline.py`).
   4. The step (`train/grpo_step.py`): rollout, rewards, group advantages, M minibatch updates,
@@ -20,6 +23,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rewarddance_jax.data import digits, pipeline, prompts as prompts_lib
+from rewarddance_jax.nn import lora as lora_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import registry
 from rewarddance_jax.train import common, generate, grpo_step, optim
@@ -60,6 +64,24 @@ def build_state(config, params, pshard, tx, mesh, batch_size: int, gcfg) -> tupl
   return state, shardings
 
 
+def init_lora(lcfg, params, pshard, key: jax.Array) -> tuple[dict, dict]:
+  """(LoRA tree, its NamedShardings) for `params`, created sharded like the adapted kernels."""
+  make = lambda p: lora_lib.init_lora(p, rank=lcfg.rank, alpha=lcfg.alpha,  # pylint: disable=unnecessary-lambda-assignment
+                                      targets=lcfg.targets, key=key)
+  shard = lora_lib.lora_shardings(jax.eval_shape(make, params), pshard)
+  return jax.jit(make, out_shardings=shard)(params), shard
+
+
+def lora_hooks(hooks, base, pshard, scale: float):
+  """Hooks that read state['params'] (or 'ema') as a full generator, given a LoRA state."""
+  merge = jax.jit(lambda b, l: lora_lib.merge(b, l, scale), out_shardings=pshard)
+
+  def wrap(fn):
+    return lambda st, step: fn({'params': merge(base, st.get('ema', st['params']))}, step)
+
+  return [(every, wrap(fn)) for every, fn in hooks]
+
+
 def train(config, workdir: str) -> dict:
   mesh, rules = common.setup_mesh(config)
   gcfg = grpo_step.GRPOConfig.from_config(config.grpo)
@@ -71,12 +93,17 @@ def train(config, workdir: str) -> dict:
   graphdef, params, pshard = common.init_policy(config, mesh, rules)
 
   tx = optim.make_optimizer(config.optax)
-  state, shardings = build_state(config, params, pshard, tx, mesh, batch_size, gcfg)
-  rewards = registry.build_rewards(config.rewards)
-  ref = None
+  base = ref = None
+  trainable, tshard = params, pshard
+  if gcfg.lora.rank:   # the base is a const (never donated), so it is also the KL reference
+    base = params
+    trainable, tshard = init_lora(gcfg.lora, params, pshard, jax.random.key(int(config.seed) + 3))
   if gcfg.kl_beta > 0:
-    ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=pshard)(params)
-  consts = {'rewards': rewards, 'ref': ref}
+    ref = base if base is not None else jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                                                out_shardings=pshard)(params)
+  state, shardings = build_state(config, trainable, tshard, tx, mesh, batch_size, gcfg)
+  rewards = registry.build_rewards(config.rewards)
+  consts = {'rewards': rewards, 'ref': ref, 'base': base}
 
   max_len = int(config.data.max_text_len)
   data_iter = pipeline.prompt_iter(prompt_records(config), batch_size, seed=int(config.seed),
@@ -90,6 +117,8 @@ def train(config, workdir: str) -> dict:
       reward_weights=rewards.weights, decode=decode_unit)
 
   hooks = generate.judge_hooks(config, graphdef, tok, workdir, IMAGE_SHAPE, rewards)
+  if gcfg.lora.rank:
+    hooks = lora_hooks(hooks, base, pshard, gcfg.lora.scale)
   state, last = common.run_loop(
       config, workdir, desc='grpo', state=state, shardings=shardings, step_fn=step_fn,
       data_iter=data_iter, to_device=to_device, mesh=mesh, rules=rules, hooks=hooks, consts=consts)

@@ -23,8 +23,21 @@ shared loop jits once with the state donated. Inside, with nothing going back to
      approx_kl, grad norm, loss.
 
 `consts` holds the frozen trees: {'rewards': WeightedRewards (its params are the reward models),
-'ref': reference params or None}. They are arguments (not closures), so large reward models are
-sharded inputs rather than constants baked into the program.
+'ref': reference params or None, 'base': the frozen base params with LoRA, else None}. They are
+arguments (not closures), so large reward models are sharded inputs rather than constants baked
+into the program.
+
+LoRA (`grpo.lora.rank` > 0; rank 0 = full fine-tuning): state['params'] is the LoRA tree
+(`nn/lora.py`) and the only tree the optimizer sees; rollouts and updates run the generator on
+merge(consts['base'], lora) (W + (alpha/rank)·a@b). The base is a const rather than a part of
+the state: it is never donated, has no optimizer state or EMA, and is not checkpointed (a resumed
+run rebuilds it from `config.init.generator` or the seed, bit for bit). The KL reference is the
+base itself (the trainer passes consts['ref'] = consts['base'], no copy).
+
+Ratio: the update recomputes log-probs with the same step code as the rollout (`flow/steps.py`
+is written to round identically in any fusion), so in the first minibatch (params still those
+of the rollout) every log-ratio is exactly 0 and every ρ exactly 1; metrics
+'ratio_first_min/max' and 'log_ratio_first_max_abs' report that minibatch.
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ from flax import nnx
 
 from rewarddance_jax.flow import rollout as rollout_lib
 from rewarddance_jax.flow import schedules, steps
+from rewarddance_jax.nn import lora as lora_lib
 from rewarddance_jax.parallel.sharding import constrain
 from rewarddance_jax.rl import advantages as adv_lib
 from rewarddance_jax.rl import aggregate, ema as ema_lib, grpo_loss, kl as kl_lib
@@ -47,6 +61,23 @@ from rewarddance_jax.rl import timesteps
 
 COND_KEYS = ('tokens', 'mask', 'txt', 'pooled')
 AGGREGATIONS = ('advantage', 'reward')
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """`config.grpo.lora`: rank 0 trains every weight; rank r > 0 trains a LoRA of the kernels
+  whose path matches `targets` (a regex, `nn/lora.py`), scale alpha / rank."""
+  rank: int = 0
+  alpha: float = 16.0
+  targets: str = lora_lib.ATTENTION_TARGETS
+
+  def __post_init__(self):
+    if self.rank < 0:
+      raise ValueError(f'grpo.lora.rank must be >= 0 (0 = full fine-tuning), got {self.rank}.')
+
+  @property
+  def scale(self) -> float:
+    return lora_lib.lora_scale(self.rank, self.alpha)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +102,7 @@ class GRPOConfig:
   guidance: float = 0.0
   ema_decay: float = 0.0
   variance_window: int = 1000
+  lora: LoRAConfig = LoRAConfig()
 
   def __post_init__(self):
     steps.check_step_kind(self.step_kind)
@@ -94,6 +126,10 @@ class GRPOConfig:
   def from_config(cls, cfg) -> 'GRPOConfig':
     cfg = dict(cfg)
     sel = dict(cfg.pop('selection', {}))
+    lora = dict(cfg.pop('lora', {}))
+    lora_known = {f.name for f in dataclasses.fields(LoRAConfig)}
+    if set(lora) - lora_known:
+      raise ValueError(f'config.grpo.lora has unknown key(s) {sorted(set(lora) - lora_known)}.')
     if 'window_range' in sel:
       sel['window_range'] = tuple(sel['window_range'])
     known = {f.name for f in dataclasses.fields(cls)}
@@ -105,7 +141,7 @@ class GRPOConfig:
       raise ValueError(f'config.grpo.selection has unknown key(s) {sorted(set(sel) - sel_known)}.')
     num_steps = int(cfg.get('num_steps', cls.num_steps))
     selection = timesteps.TimestepSelection(num_steps=num_steps, **sel)
-    return cls(selection=selection, **cfg)
+    return cls(selection=selection, lora=LoRAConfig(**lora), **cfg)
 
   def sigmas(self, image_seq_len: int | None = None) -> np.ndarray:
     return schedules.get_sigmas(self.schedule, self.num_steps, shift=self.shift,
@@ -170,6 +206,10 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
   t_train = sel.num_trained
   kind, eta, g = gcfg.step_kind, gcfg.noise_level, gcfg.group_size
 
+  def policy(params, base):
+    """The generator's params: merge(base, LoRA) when training a LoRA, else `params`."""
+    return lora_lib.merge(base, params, gcfg.lora.scale) if gcfg.lora.rank else params
+
   def velocity(params, x, sigma, cond):
     model = nnx.merge(graphdef, params)
     guidance = None
@@ -201,10 +241,11 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
     return agg(per, reward_weights, g, mode=gcfg.advantage, global_std=gcfg.global_std,
                clip=gcfg.adv_clip)
 
-  def step_loss(params, ref, mb, cond):
+  def step_loss(params, frozen, mb, cond):
     """L_t/T of one trained step t of a minibatch, and its statistics."""
     x, x_next, logp_old, sigma, sigma_next, adv, mask = mb
-    v = velocity(params, x, sigma, cond)
+    ref = frozen['ref']
+    v = velocity(policy(params, frozen['base']), x, sigma, cond)
     logp = steps.flow_step(kind, v, x, sigma, sigma_next, noise_level=eta, x_next=x_next).logp
     loss, stats = grpo_loss.clipped_surrogate(logp, logp_old, adv, gcfg.clip_range, mask)
     if gcfg.kl_beta > 0:
@@ -222,6 +263,7 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
 
   def update(state, consts, data, cond):
     """M optimizer steps, each accumulating the gradients of its T trained steps."""
+    frozen = {'ref': consts.get('ref'), 'base': consts.get('base')}
 
     def minibatch(carry, xs):
       params, opt_state, ema = carry
@@ -229,7 +271,7 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
       x, x_next, logp_old, sigma, sigma_next, adv, mask = mb
 
       def per_step(acc, ts):
-        grads, stats = grad_fn(params, consts['ref'], ts + (adv, mask), mb_cond)
+        grads, stats = grad_fn(params, frozen, ts + (adv, mask), mb_cond)
         return jax.tree.map(jnp.add, acc, grads), stats
 
       # (b, T, ...) → (T, b, ...): scan over the trained steps.
@@ -248,9 +290,11 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
 
   def step(state, batch, key, consts):
     keys = dict(zip(('noise', 'rollout', 'select', 'reward', 'shuffle'), jax.random.split(key, 5)))
+    if gcfg.lora.rank and consts.get('base') is None:
+      raise ValueError('grpo.lora.rank > 0 needs consts["base"] (the frozen generator params).')
     cond = cond_from_batch(batch)
     iteration = state['rl']['iteration']
-    params = jax.lax.stop_gradient(state['params'])
+    params = policy(jax.lax.stop_gradient(state['params']), consts.get('base'))
     traj, idx, per = rollout_and_score(params, batch, cond, keys, iteration, consts['rewards'])
     adv = advantages(per)
     mask = adv_lib.nonzero_advantage_mask(adv)
@@ -289,6 +333,11 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
         'grad_norm': jnp.mean(stats['grad_norm']), 'grad_norm_max': jnp.max(stats['grad_norm']),
         'ratio_mean': jnp.mean(stats['ratio_mean']), 'ratio_min': jnp.min(stats['ratio_min']),
         'ratio_max': jnp.max(stats['ratio_max']), 'clipfrac': jnp.mean(stats['clipfrac']),
+        # The first minibatch's T steps: the update with the rollout's own params (ρ = 1).
+        'ratio_first_min': jnp.min(stats['ratio_min'][0]),
+        'ratio_first_max': jnp.max(stats['ratio_max'][0]),
+        'log_ratio_first_max_abs': jnp.max(stats['log_ratio_max_abs'][0]),
+        'log_ratio_max_abs': jnp.max(stats['log_ratio_max_abs']),
         'approx_kl': jnp.mean(stats['approx_kl']),
     }
     if 'kl' in stats:
