@@ -222,3 +222,33 @@ def test_unknown_grpo_key_and_reward_kind_are_named(tmp_path):
   cfg.rewards = {'r': {'kind': 'no_such_reward'}}
   with pytest.raises(ValueError, match=r"config.rewards.r: unknown reward kind 'no_such_reward'"):
     grpo_trainer.train(cfg, str(tmp_path))
+
+
+def test_restore_generator_merges_a_lora_run_into_its_base(tmp_path):
+  from rewarddance_jax import checkpoint as ckpt_lib
+  from rewarddance_jax.nn import lora as lora_lib
+  cfg = _config()
+  mesh, rules = common.setup_mesh(cfg)
+  _, params, pshard, _ = common.build_generator(cfg, mesh, rules)
+  base = jax.tree.map(lambda x: x + 0.01, params)      # a "trained" base, saved like a flow run
+  with ckpt_lib.Checkpointer(str(tmp_path / 'base' / 'checkpoints'), async_save=False) as c:
+    c.save(5, arrays={'params': base}, json={'config': {}}, force=True)
+  lora = lora_lib.init_lora(base, rank=4, alpha=8.0, targets=LORA['targets'],
+                            key=jax.random.key(1))
+  lora = jax.tree.map(lambda x: x + 0.02, lora)       # both factors non-zero: a real delta
+  run_cfg = {'init': {'generator': str(tmp_path / 'base'), 'use_ema': False},
+             'grpo': {'lora': dict(LORA)}}
+  with ckpt_lib.Checkpointer(str(tmp_path / 'run' / 'checkpoints'), async_save=False) as c:
+    c.save(3, arrays={'params': lora}, json={'config': run_cfg}, force=True)
+  got = common.restore_generator(str(tmp_path / 'run'), params, pshard)
+  want = lora_lib.merge(base, lora, lora_lib.lora_scale(4, 8.0))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+               got, want)
+  changed = [not np.allclose(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(base))]
+  assert any(changed)
+  run_cfg['init']['generator'] = ''
+  with ckpt_lib.Checkpointer(str(tmp_path / 'run2' / 'checkpoints'), async_save=False) as c:
+    c.save(3, arrays={'params': lora}, json={'config': run_cfg}, force=True)
+  with pytest.raises(ValueError, match='init.generator'):
+    common.restore_generator(str(tmp_path / 'run2'), params, pshard)

@@ -62,7 +62,9 @@ def digits_tokenizer(workdir: str | None, vocab_limit: int | None = None):
 
 def restore_generator(directory: str, params, shardings, *, use_ema: bool = False):
   """The newest generator params saved by a trainer under `directory/checkpoints`, restored
-  straight into `shardings` (any mesh). `use_ema` takes the EMA params when the run kept them."""
+  straight into `shardings` (any mesh). `use_ema` takes the EMA params when the run kept them.
+  A GRPO run with LoRA (`grpo.lora.rank > 0`) saved only the LoRA: it is merged into its base,
+  the generator of the run's `init.generator` (restored the same way)."""
   from rewarddance_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   path = os.path.join(directory, 'checkpoints')
   if not os.path.isdir(path):
@@ -72,10 +74,31 @@ def restore_generator(directory: str, params, shardings, *, use_ema: bool = Fals
     if step is None:
       raise FileNotFoundError(f'no finished checkpoint step in {path} (config.init.generator).')
     item = 'params'
-    if use_ema and os.path.isdir(os.path.join(str(ckpt.step_directory(step)), 'ema')):
+    step_dir = str(ckpt.step_directory(step))
+    run_cfg = (ckpt.restore(step, json=('config',)).get('config') or {}
+               if os.path.isdir(os.path.join(step_dir, 'config')) else {})
+    if use_ema and os.path.isdir(os.path.join(step_dir, 'ema')):
       item = 'ema'
-    restored = ckpt.restore(step, arrays={item: ckpt_lib.abstract_like(params, shardings)})
-  return restored[item]
+    lora = ((run_cfg.get('grpo') or {}).get('lora') or {})
+    if not lora.get('rank'):
+      restored = ckpt.restore(step, arrays={item: ckpt_lib.abstract_like(params, shardings)})
+      return restored[item]
+    from rewarddance_jax.nn import lora as lora_lib  # pylint: disable=import-outside-toplevel
+    from rewarddance_jax.train import grpo_step  # pylint: disable=import-outside-toplevel
+    lcfg = grpo_step.LoRAConfig(**lora)
+    init = run_cfg.get('init') or {}
+    base_dir = init.get('generator', '')
+    if not base_dir:
+      raise ValueError(f'{directory}: a LoRA run without config.init.generator; its base (a '
+                       'fresh initialisation) is not saved, so it cannot be restored.')
+    base = restore_generator(base_dir, params, shardings, use_ema=bool(init.get('use_ema')))
+    make = lambda p: lora_lib.init_lora(p, rank=lcfg.rank, alpha=lcfg.alpha,  # pylint: disable=unnecessary-lambda-assignment
+                                        targets=lcfg.targets, key=jax.random.key(0))
+    abstract = jax.eval_shape(make, base)
+    target = ckpt_lib.abstract_like(abstract, lora_lib.lora_shardings(abstract, shardings))
+    adapter = ckpt.restore(step, arrays={item: target})[item]
+  return jax.jit(lambda b, a: lora_lib.merge(b, a, lcfg.scale), out_shardings=shardings)(
+      base, adapter)
 
 
 def init_policy(config, mesh, rules):
