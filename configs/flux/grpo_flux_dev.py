@@ -30,6 +30,7 @@ import ml_collections
 from rewarddance_jax.config_lib import parse_arg
 from rewarddance_jax.models.presets import model_preset
 from rewarddance_jax.models.vlm.presets import vlm_preset
+from rewarddance_jax.nn.lora import BLOCK_TARGETS
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES
 
 # res → padded latent (H, W, C); see the module docstring, item 2.
@@ -50,7 +51,7 @@ LAYOUTS = {
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, vlm='8b', res=720, steps=0)
+  arg = parse_arg(arg, vlm='8b', res=720, steps=0, lora=0)
   if arg.res not in LATENTS:
     raise ValueError(f'config arg res={arg.res}: choose one of {sorted(LATENTS)}.')
   if arg.vlm not in VLMS:
@@ -65,6 +66,10 @@ def get_config(arg=None):
   c.model = model_preset('flux-dev', dtype='bfloat16', param_dtype='float32', scan_layers=True,
                          remat='full')
   c.init = dict(generator='', use_ema=False)
+  # lora=R > 0: the trainable tree is a rank-R LoRA on every block's attention and MLP kernels
+  # (alpha = R), the base frozen in bf16 and outside the optimizer (module docstring, item 1).
+  c.lora = dict(rank=int(arg.lora), alpha=float(arg.lora or 1), targets=BLOCK_TARGETS,
+                base_dtype='bfloat16')
   c.data = dict(batch_size=192, max_text_len=512, prompts='', latent_shape=LATENTS[arg.res])
   c.grpo = dict(
       group_size=12, step_kind='dance', noise_level=0.3, schedule='shift', num_steps=16,
