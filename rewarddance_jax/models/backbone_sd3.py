@@ -14,7 +14,10 @@ on it unchanged:
   3. `__call__(base, lora, x, σ, cond)`: merges the LoRA into `take(base)`, runs
      `SD3Generator.__call__`'s embedding path (patchify + cropped position table, context
      embedder, vec = time_in(emb(1000σ)) + vector_in(pooled)) and blocks 1..K (remat as in the
-     generator), recording both streams after each block in `layers` (1-based). Returns
+     generator), recording both streams after each block in `layers` (1-based). The token
+     streams are pinned to the activation rules (act_batch, act_len, act_embed) after the
+     embedders and every block, as `models/mmdit.py` does (`SD3Generator` has no constraints;
+     without them GSPMD replicated the pair batch: 470 GiB of temporaries per v5p chip). Returns
         {'img': (B, N, W) per layer, 'txt': (B, L, W) per layer, 'temb': (B, W), 'txt_mask': (B, L)}
 The base is a frozen input: gradients go to the LoRA only.
 """
@@ -34,8 +37,10 @@ from rewarddance_jax.models.mmdit import REMAT_POLICIES
 from rewarddance_jax.models.sd3 import SD3Config, SD3Generator
 from rewarddance_jax.nn import layers as layers_lib
 from rewarddance_jax.nn import lora as lora_lib
+from rewarddance_jax.parallel.sharding import constrain
 
 _EMBEDDERS = ('img_in', 'pos_embed', 'txt_in', 'time_in', 'vector_in')
+_TOKENS = ('act_batch', 'act_len', 'act_embed')
 SD3_ATTENTION_TARGETS = r'blocks/\d+/((img_attn|txt_attn|attn2)/(q|k|v)|img_out|txt_out|attn2_out)/kernel'
 
 
@@ -117,6 +122,7 @@ class SD3Backbone:
     img = part(ab.img_in, sub['img_in'])(pack(x[:, None], p).astype(dtype)) + pos[None].astype(
         dtype)
     txt = part(ab.txt_in, sub['txt_in'])(cond['txt'].astype(dtype))
+    img, txt = constrain(img, _TOKENS), constrain(txt, _TOKENS)
     t = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (b,)) * cfg.timestep_scale
     vec = part(ab.time_in, sub['time_in'])(layers_lib.timestep_embedding(t, 256).astype(dtype))
     vec = vec + part(ab.vector_in, sub['vector_in'])(cond['pooled'].astype(dtype))
@@ -133,6 +139,7 @@ class SD3Backbone:
             block, img, txt, vec, mask)
       else:
         img, txt = block(img, txt, vec, mask)
+      img, txt = constrain(img, _TOKENS), constrain(txt, _TOKENS)
       if i + 1 in self.layers:
         feats_img.append(img)
         feats_txt.append(txt)
