@@ -16,7 +16,7 @@ Scan its layouts for a TPU pod on a CPU host (docs/scaling.md has the tables):
   3. Pairs at 1024² (128×128×16 latents, 4096 image tokens) with CLIP-L/G (77) + T5 (128) text
      tokens padded to 256 (4096 + 256 = 4352 = 34·128: the TPU flash-attention kernel applies),
      64 pairs per step (one per chip of a 64-chip slice), AdamW lr 5e-5, wd 0.01, constant (§5.3).
-  4. `config.layouts`: the default layout per topology, chosen by the scanner (docs/scaling.md).
+  4. `config.layouts`: the default layout per topology (unconfirmed placeholder, docs/scaling.md).
 The trainer (`train/latent_reward.py`) builds MMDiT backbones only: training this config for real
 needs the SD3 base weights wired into its `load_base` (not done; the scanner builds it abstractly).
 """
@@ -31,7 +31,8 @@ from rewarddance_jax.parallel.sharding import DEFAULT_RULES
 CANDIDATES = ('1,-1,1:full:noscan:latent_reward;2,-1,1:full:noscan:latent_reward;'
               '1,-1,1:dots:noscan:latent_reward')
 
-# Default layout per topology (docs/scaling.md, "SD3.5-medium DiNa-LRM").
+# Default layout per topology (docs/scaling.md, "SD3.5-medium DiNa-LRM"). UNCONFIRMED: the v5p-64
+# compile did not finish in 15 min on the shared 2-core host; FSDP over all chips as for FLUX.
 LAYOUTS = {
     'v5p:4x4x4': '1,-1,1:full:noscan:latent_reward',
     'v6e:8x8': '1,-1,1:full:noscan:latent_reward',
