@@ -1,7 +1,8 @@
 """Scan sharding layouts for a TPU topology on this (CPU) host, through libtpu's compiler.
 
   python -m launch.scan_sharding --config=configs/digits/flow.py:runlocal --topology=v5e:2x2 \
-      [--layouts=default|"1,-1,1:full:scan;2,2,1:none:noscan"] [--step=flow|grpo|reward] \
+      [--layouts=default|"1,-1,1:full:scan;2,2,1:none:noscan"] \
+      [--step=flow|grpo|grpo_rollout|grpo_update|reward|latent_reward] \
       [--out=FILE.md]
   python -m launch.scan_sharding --config=configs/flux/grpo_flux_dev.py --topology=v5p:4x4x4 \
       --step=grpo
@@ -31,7 +32,8 @@ _LAYOUTS = flags.DEFINE_string('layouts', 'default',
                                "'default' or 'MESH:REMAT:scan|noscan[:STEP];...', e.g. "
                                "'1,-1,1:full:scan;2,2,1:none:noscan'.")
 _STEP = flags.DEFINE_string('step', None, "Step of layouts that name none: 'flow', 'grpo', "
-                            "'reward' (default: flow).")
+                            "'grpo_rollout', 'grpo_update', 'reward', 'latent_reward' "
+                            "(default: flow).")
 _OUT = flags.DEFINE_string('out', None, 'Markdown file to write the table to.')
 flags.mark_flags_as_required(['config', 'topology'])
 
@@ -77,6 +79,11 @@ def main(argv):
   rows = scan.scan_layouts(config, topology, layouts)
   table = scan.format_table(rows)
   print(f'{topology} ({num_devices} chips), {len(rows)} layouts:\n{table}')
+  for r in rows:
+    if r.get('error') is None:
+      print(f'{r["layout"]}: lowered in {r["lower_seconds"]:.0f} s, compiled in '
+            f'{r["compile_seconds"]:.0f} s; StableHLO {r["hlo_kib"]:.0f} KiB with '
+            f'{r["while_loops"]} while loops')
   if _OUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
     with open(_OUT.value, 'w') as f:

@@ -1,14 +1,18 @@
 """GRPO on FLUX.1-dev at real size, rewarded by an InternVL3 yes-token reward (issue 8, item 2).
 
 Scan its layouts for a TPU pod on a CPU host (docs/scaling.md has the tables):
-  python -m launch.scan_sharding --config=configs/flux/grpo_flux_dev.py --topology=v5p:4x4x4 \
-      --step=grpo
+  python -m launch.scan_sharding --config=configs/flux/grpo_flux_dev.py --topology=v5p:4x4x4
+  python -m launch.scan_sharding --config=configs/flux/grpo_flux_dev.py:lora=64 \
+      --topology=v5p:4x4x4 --layouts="1,-1,1:full:scan:grpo_update"
   python -m launch.scan_sharding --config=configs/flux/grpo_flux_dev.py:vlm=2b,res=1024 \
-      --topology=v6e:8x8 --step=grpo --layouts="1,-1,1:full:scan"
-Options after the colon: vlm=8b|2b (InternVL3 size), res=720|1024.
+      --topology=v6e:8x8 --layouts="1,-1,1:full:scan:grpo_rollout"
+Options after the colon: vlm=8b|2b (InternVL3 size), res=720|1024, lora=0|R (LoRA rank; 0 = full).
 
-  1. Generator: the FLUX.1-dev MMDiT (11.9B, `models/presets.py`), full fine-tuning (LoRA is not
-     in this tree yet), fp32 params and AdamW state, bf16 compute, scanned blocks, full remat.
+  1. Generator: the FLUX.1-dev MMDiT (11.9B, `models/presets.py`), fp32 params and AdamW state,
+     bf16 compute, scanned blocks, full remat. Full fine-tuning, or with lora=R a rank-R LoRA
+     (alpha R) on every block's attention and MLP kernels (`nn/lora.BLOCK_TARGETS`; 269M at
+     R = 64), the base frozen in bf16 outside the optimizer (`config.grpo.lora`, as the GRPO
+     trainer reads it; the scanner's `config.lora_base_dtype`).
   2. Resolution: 720² pixels give a 90×90×16 latent, 45×45 = 2025 patches of 2×2. We pad the
      latent to 96×96 (768² pixels): 48×48 = 2304 image tokens + 512 T5 tokens = 2816 = 22·128,
      so both attention lengths are multiples of 128 and the TPU flash-attention kernel applies
@@ -21,8 +25,8 @@ Options after the colon: vlm=8b|2b (InternVL3 size), res=720|1024.
   4. Reward (`config.scan.reward`, read by `parallel/abstract_grpo.py`): x̂0 → FLUX VAE decode
      → one 448² tile → InternVL3-8B (or -2B) → P("yes") at the answer position of a
      384-token prompt. Frozen, fp32 weights sharded like the generator's, bf16 compute.
-  5. `config.layouts`: the default layout per topology (docs/scaling.md; still to be confirmed
-     by a finished scan, see there).
+  5. `config.layouts`: the default layout (MESH:REMAT:scan, for the rollout, reward and update
+     steps) per topology for this mode (docs/scaling.md has the tables that chose them).
 """
 
 import ml_collections
@@ -30,27 +34,33 @@ import ml_collections
 from rewarddance_jax.config_lib import parse_arg
 from rewarddance_jax.models.presets import model_preset
 from rewarddance_jax.models.vlm.presets import vlm_preset
+from rewarddance_jax.nn.lora import BLOCK_TARGETS
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES
 
 # res → padded latent (H, W, C); see the module docstring, item 2.
 LATENTS = {720: (96, 96, 16), 1024: (128, 128, 16)}
 VLMS = {'2b': 'internvl3-2b', '8b': 'internvl3-8b'}
 
-# Candidate layouts scanned by default for this config (launch.scan_sharding --layouts=default):
-# MESH (data, fsdp, tensor) : remat : scan : step : rule set.
-CANDIDATES = '1,-1,1:full:scan:grpo;2,-1,1:full:scan:grpo'
+# Candidate layouts scanned by default (launch.scan_sharding --layouts=default): the iteration's
+# three steps (rollout, reward, update) on one layout; MESH (data, fsdp, tensor):remat:scan:step.
+CANDIDATES = ('1,-1,1:full:scan:grpo_rollout;1,-1,1:full:scan:reward;'
+              '1,-1,1:full:scan:grpo_update')
 
-# Default layouts per topology (docs/scaling.md). NOT yet confirmed by a finished scan: the
-# whole-iteration compile did not finish in 20 min on the shared 2-core host; FSDP over all
-# chips with full remat and scanned blocks is the layout whose reward step fitted (3.0 GiB/chip).
+# Default layout (MESH:REMAT:scan, for all three steps) per topology and mode, from the scans in
+# docs/scaling.md. One layout per topology was compiled (the update alone took 19 min on the
+# shared 2-core host), so these are "fits with headroom", not "fastest of several":
+#   v5p-64 full: iteration peak 12.4 GiB of 95 per chip (all three steps compiled).
+#   v5p-64 LoRA: see docs/scaling.md.
+#   v6e-64: rollout compiled (5.4 GiB of 32 with resident state); update not compiled here (its
+#     v5p per-chip peak, 12.4 GiB, is 39% of a v6e chip): unconfirmed.
 LAYOUTS = {
-    'v5p:4x4x4': '1,-1,1:full:scan:grpo',
-    'v6e:8x8': '1,-1,1:full:scan:grpo',
+    'full': {'v5p:4x4x4': '1,-1,1:full:scan', 'v6e:8x8': '1,-1,1:full:scan'},
+    'lora': {'v5p:4x4x4': '1,-1,1:full:scan', 'v6e:8x8': '1,-1,1:full:scan'},
 }
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, vlm='8b', res=720, steps=0)
+  arg = parse_arg(arg, vlm='8b', res=720, steps=0, lora=0)
   if arg.res not in LATENTS:
     raise ValueError(f'config arg res={arg.res}: choose one of {sorted(LATENTS)}.')
   if arg.vlm not in VLMS:
@@ -65,6 +75,10 @@ def get_config(arg=None):
   c.model = model_preset('flux-dev', dtype='bfloat16', param_dtype='float32', scan_layers=True,
                          remat='full')
   c.init = dict(generator='', use_ema=False)
+  # lora=R > 0: the trainable tree is a rank-R LoRA on every block's attention and MLP kernels
+  # (alpha = R), the base frozen in bf16 and outside the optimizer (module docstring, item 1).
+  lora = dict(rank=int(arg.lora), alpha=float(arg.lora or 1), targets=BLOCK_TARGETS)
+  c.lora_base_dtype = 'bfloat16'
   c.data = dict(batch_size=192, max_text_len=512, prompts='', latent_shape=LATENTS[arg.res])
   c.grpo = dict(
       group_size=12, step_kind='dance', noise_level=0.3, schedule='shift', num_steps=16,
@@ -73,7 +87,7 @@ def get_config(arg=None):
                      iters_per_group=25, max_start=-1),
       advantage='dance', global_std=False, adv_clip=5.0, aggregation='advantage',
       clip_range=1e-4, minibatches=3, kl_beta=0.0, rollout_kl=0.0, same_noise=True,
-      guidance=3.5, ema_decay=0.0, variance_window=1000)
+      guidance=3.5, ema_decay=0.0, variance_window=1000, lora=lora)
   c.rewards = {'vlm_yes': dict(kind='vlm_yes', path='', mode='pointwise',
                                normalization='two_way', prompts='')}
   c.optax = dict(lr=1e-5, schedule='constant', warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
@@ -82,7 +96,7 @@ def get_config(arg=None):
       reward=dict(vlm=vlm_preset(VLMS[arg.vlm], dtype='bfloat16'), vae='', pixel_factor=8,
                   vae_dtype='bfloat16', max_len=384, yes_id=9454, no_id=2152),
       candidates=CANDIDATES)
-  c.layouts = dict(LAYOUTS)
+  c.layouts = dict(LAYOUTS['lora' if arg.lora else 'full'])
   c.mesh = dict(axes=('data', 'fsdp', 'tensor'), ici=(1, -1, 1), dcn=(1, 1, 1), num_devices=0)
   c.sharding_rules = DEFAULT_RULES
   c.ckpt = dict(every=50, keep=2, async_save=True)

@@ -20,6 +20,16 @@ Everything is a sharded `jax.ShapeDtypeStruct`; no parameter is ever materialise
      {'rewards', 'ref' (abstract params when kl_beta > 0)}.
   3. `abstract_reward_step(config, mesh)`: the reward forward alone on a batch of
      `config.data.batch_size` samples.
+  4. `abstract_grpo_rollout_step` / `abstract_grpo_update_step`: the iteration's rollout and its
+     update (advantages + M minibatch updates) alone, jitted from the same
+     `grpo_step.make_grpo_functions` parts the fused step composes. A step of an iteration
+     carries `resident`: the arrays on the chips while it runs that are not its arguments
+     (rollout: optimizer state, EMA, reward params; reward: policy state + trajectory; update:
+     reward params), so the iteration's per-chip peak is max over its steps of (step total +
+     resident) (docs/scaling.md).
+  5. `config.grpo.lora` (rank > 0): the trainable tree is a LoRA (nn/lora.py) on the kernels matching
+     `targets`, the frozen base (in `base_dtype`, bf16 by default) an argument; the generator sees
+     merge(base, lora) in the rollout and in every update step (`Policy.model_params`).
 Analytic model FLOPs (matmul weights only, attention L² terms and VAE convolutions not counted):
   rollout 2·P·S·B·N, update 6·P·S·B·T (+2·P·S·B·T for the KL reference), reward
   2·(P_vit·S_vit·tiles + P_proj·S_img + P_lm·L + P_head)·B, with P the generator's parameters,
@@ -30,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -172,14 +183,62 @@ def _generator_tokens(config, gen_cfg) -> int:
   return (h // p) * (w // p) + int(config.data.max_text_len)
 
 
-def abstract_grpo_step(config, mesh) -> AbstractStep:
-  """The full GRPO iteration of `config` on `mesh` (module docstring, item 2)."""
+def per_chip_bytes(tree) -> int:
+  """Bytes one chip holds of a tree of sharded `ShapeDtypeStruct`s (its shard of every leaf)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def _rows_leaf(mesh, rules, shape, dtype, axis):
+  """A struct whose `axis` follows the batch sharding (`act_batch`), the rest unsharded."""
+  names = [None] * len(shape)
+  names[axis] = 'act_batch'
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
+      mesh, sharding_lib.logical_to_spec(tuple(names), rules)))
+
+
+@dataclasses.dataclass
+class Policy:
+  """The abstract GRPO policy of a config: what `train/grpo_step.py` trains.
+
+  state: {'params' (trainable: the generator params, or the LoRA tree), 'opt_state', ['ema'],
+  'rl'}; frozen: {'ref' (or None), ['base']: the frozen generator params under a LoRA};
+  trajectory: the rollout's outputs (x, x_next, logp (N−1, B, ...), idx (B, T), x0_hat (B, ...)).
+  """
+  graphdef: Any
+  gcfg: Any
+  batch_size: int
+  state: dict
+  shardings: dict
+  frozen: dict
+  model_params: Any
+  num_params: int          # the generator's parameters (the FLOPs count)
+  trajectory: dict
+  cond: dict
+
+
+def lora_setup(config) -> dict | None:
+  """The trainer's `config.grpo.lora` (rank, alpha, targets; `train/grpo_step.LoRAConfig`) plus
+  the scanner's `config.lora_base_dtype` (the frozen base's dtype, bf16 by default), or None for
+  full fine-tuning (rank 0)."""
+  from rewarddance_jax.train import grpo_step  # pylint: disable=import-outside-toplevel
+  lcfg = grpo_step.GRPOConfig.from_config(config.grpo).lora
+  if lcfg.rank <= 0:
+    return None
+  return dict(rank=lcfg.rank, alpha=lcfg.alpha, targets=lcfg.targets,
+              base_dtype=str(config.get('lora_base_dtype', 'bfloat16')))
+
+
+def abstract_policy(config, mesh, rules) -> Policy:
+  """Generator, trainable tree (full or `config.grpo.lora`), AdamW state, rl counters, trajectory."""
   # pylint: disable=import-outside-toplevel
   from rewarddance_jax.models.generator import Generator, generator_config
-  from rewarddance_jax.train import common, grpo, grpo_step, optim
+  from rewarddance_jax.nn import lora as lora_lib
+  from rewarddance_jax.train import grpo_step, optim
 
-  rules = sharding_lib.rules_from_config(config.sharding_rules)
-  sharding_lib.check_rules(rules, mesh)
   gen_cfg = generator_config(config.model)
   gcfg = grpo_step.GRPOConfig.from_config(config.grpo)
   b = int(config.data.batch_size)
@@ -188,38 +247,132 @@ def abstract_grpo_step(config, mesh) -> AbstractStep:
                      f'{gcfg.group_size} and grpo.minibatches={gcfg.minibatches}.')
   graphdef, params, pshard = abstract_model(lambda: Generator(gen_cfg, rngs=nnx.Rngs(0)),
                                             mesh, rules)
+  frozen = {'ref': params if gcfg.kl_beta > 0 else None}
+  lcfg = lora_setup(config)
+  if lcfg is None:
+    trainable, tshard = params, pshard
+    model_params = grpo_step.identity_params
+  else:
+    # Frozen base in `base_dtype` (bf16 by default: the blocks compute in bf16 anyway), the LoRA
+    # (fp32) the only tree with gradients and AdamW state (nn/lora.py).
+    dtype = jnp.dtype(lcfg['base_dtype'])
+    frozen['base'] = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), params)
+    lora = jax.eval_shape(lambda p: lora_lib.init_lora(
+        p, rank=lcfg['rank'], alpha=lcfg['alpha'], targets=lcfg['targets'],
+        key=jax.random.key(0)), params)
+    tshard = lora_lib.lora_shardings(lora, pshard)
+    trainable = _abstract(lora, tshard)
+    scale = lora_lib.lora_scale(lcfg['rank'], lcfg['alpha'])
+
+    def model_params(lora, consts):
+      return lora_lib.merge(consts['base'], lora, scale)
+
   tx = optim.make_optimizer(config.optax)
-  oshard = optim.opt_state_shardings(tx, params, pshard, mesh)
-  state = {'params': params, 'opt_state': _abstract(jax.eval_shape(tx.init, params), oshard)}
-  shardings = {'params': pshard, 'opt_state': oshard}
+  oshard = optim.opt_state_shardings(tx, trainable, tshard, mesh)
+  state = {'params': trainable, 'opt_state': _abstract(jax.eval_shape(tx.init, trainable), oshard)}
+  shardings = {'params': tshard, 'opt_state': oshard}
   if gcfg.ema_decay > 0:
-    state['ema'], shardings['ema'] = params, pshard
+    state['ema'], shardings['ema'] = trainable, tshard
   rl = _replicated(mesh, grpo_step.init_rl_state(gcfg, b))
   state['rl'] = rl
   shardings['rl'] = jax.tree.map(lambda x: x.sharding, rl)
 
+  image = _latent_shape(config)
+  k, t = gcfg.num_steps - 1, gcfg.selection.num_trained
+  trajectory = {
+      'x': _rows_leaf(mesh, rules, (k, b) + image, jnp.float32, 1),
+      'x_next': _rows_leaf(mesh, rules, (k, b) + image, jnp.float32, 1),
+      'logp': _rows_leaf(mesh, rules, (k, b), jnp.float32, 1),
+      'idx': _rows_leaf(mesh, rules, (b, t), jnp.int32, 0),
+      'x0_hat': _rows_leaf(mesh, rules, (b,) + image, jnp.float32, 0)}
+  return Policy(graphdef=graphdef, gcfg=gcfg, batch_size=b, state=state, shardings=shardings,
+                frozen=frozen, model_params=model_params, num_params=_size(params),
+                trajectory=trajectory, cond=_cond_batch(config, gen_cfg, mesh, rules, b))
+
+
+def _grpo_setup(config, mesh):
+  """(rules, policy, rewards, batch, GRPO functions, FLOPs {rollout, update, reward})."""
+  # pylint: disable=import-outside-toplevel
+  from rewarddance_jax.models.generator import generator_config
+  from rewarddance_jax.train import grpo, grpo_step
+
+  rules = sharding_lib.rules_from_config(config.sharding_rules)
+  sharding_lib.check_rules(rules, mesh)
+  pol = abstract_policy(config, mesh, rules)
+  b, gcfg = pol.batch_size, pol.gcfg
   rewards, extra, reward_flops = abstract_rewards(config, mesh, rules)
-  batch = _cond_batch(config, gen_cfg, mesh, rules, b)
+  batch = dict(pol.cond)
   for name, (tail, dtype) in extra.items():
     batch[name] = _batch_leaf(mesh, rules, (b,) + tuple(tail), dtype)
-  consts = {'rewards': rewards, 'ref': params if gcfg.kl_beta > 0 else None}
+  from rewarddance_jax.train import optim  # pylint: disable=import-outside-toplevel
+  fns = grpo_step.make_grpo_functions(
+      pol.graphdef, optim.make_optimizer(config.optax), gcfg, _latent_shape(config),
+      reward_names=rewards.names, reward_weights=rewards.weights, decode=grpo.decode_unit,
+      model_params=pol.model_params)
+  s = _generator_tokens(config, generator_config(config.model))
+  flops = {'rollout': 2.0 * pol.num_params * s * b * gcfg.num_steps,
+           'update': ((6.0 + (2.0 if gcfg.kl_beta > 0 else 0.0)) * pol.num_params * s * b
+                      * gcfg.selection.num_trained),
+           'reward': reward_flops * b}
+  return rules, pol, rewards, batch, fns, flops, s
 
-  image_shape = _latent_shape(config)
-  step = grpo_step.make_grpo_step(graphdef, tx, gcfg, image_shape, reward_names=rewards.names,
-                                  reward_weights=rewards.weights, decode=grpo.decode_unit)
+
+def abstract_grpo_step(config, mesh) -> AbstractStep:
+  """The full GRPO iteration of `config` on `mesh` (module docstring, item 2)."""
+  from rewarddance_jax.train import common  # pylint: disable=import-outside-toplevel
+  rules, pol, rewards, batch, fns, flops, s = _grpo_setup(config, mesh)
+  consts = dict(pol.frozen, rewards=rewards)
   with common.mesh_context(mesh, rules):
-    jitted = jax.jit(step, in_shardings=(shardings, None, None, None),
-                     out_shardings=(shardings, None), donate_argnums=(0,))
+    jitted = jax.jit(fns.step, in_shardings=(pol.shardings, None, None, None),
+                     out_shardings=(pol.shardings, None), donate_argnums=(0,))
+  return AbstractStep(jitted=jitted, args=(pol.state, batch, _key(mesh), consts), mesh=mesh,
+                      rules=rules, num_params=pol.num_params, tokens=s * pol.batch_size,
+                      flops_per_param_token=0, analytic_flops=sum(flops.values()))
 
-  num_params = _size(params)
-  s = _generator_tokens(config, gen_cfg)
-  t = gcfg.selection.num_trained
-  flops = (2.0 * num_params * s * b * gcfg.num_steps
-           + (6.0 + (2.0 if gcfg.kl_beta > 0 else 0.0)) * num_params * s * b * t
-           + reward_flops * b)
-  return AbstractStep(jitted=jitted, args=(state, batch, _key(mesh), consts), mesh=mesh,
-                      rules=rules, num_params=num_params, tokens=s * b,
-                      flops_per_param_token=0, analytic_flops=flops)
+
+def abstract_grpo_rollout_step(config, mesh) -> AbstractStep:
+  """The GRPO rollout alone: (trainable, frozen, batch, key, iteration) → trajectory.
+
+  Resident while it runs (not arguments): the optimizer state, EMA, rl counters and the reward
+  params (the reference too when kl_beta > 0)."""
+  # pylint: disable=import-outside-toplevel
+  from rewarddance_jax.train import common, grpo_step
+  rules, pol, rewards, batch, fns, flops, s = _grpo_setup(config, mesh)
+  frozen = {k: v for k, v in pol.frozen.items() if k == 'base'}
+
+  def rollout_step(trainable, frozen, batch, key, iteration):
+    params = pol.model_params(jax.lax.stop_gradient(trainable), frozen)
+    return fns.rollout(params, batch, grpo_step.split_keys(key), iteration)
+
+  cond = dict(pol.cond)
+  with common.mesh_context(mesh, rules):
+    jitted = jax.jit(rollout_step)
+  resident = {k: v for k, v in pol.state.items() if k != 'params'}
+  resident.update(rewards=rewards, ref=pol.frozen['ref'])
+  return AbstractStep(jitted=jitted, args=(pol.state['params'], frozen, cond, _key(mesh),
+                                           pol.state['rl']['iteration']),
+                      mesh=mesh, rules=rules, num_params=pol.num_params,
+                      tokens=s * pol.batch_size, flops_per_param_token=0,
+                      analytic_flops=flops['rollout'], resident=resident)
+
+
+def abstract_grpo_update_step(config, mesh) -> AbstractStep:
+  """The GRPO update alone: (state, frozen, trajectory, per-reward scores, batch, key) → state,
+  donated as in the fused step. Resident while it runs: the reward params."""
+  from rewarddance_jax.train import common  # pylint: disable=import-outside-toplevel
+  rules, pol, rewards, batch, fns, flops, s = _grpo_setup(config, mesh)
+  b = pol.batch_size
+  per = {name: _batch_leaf(mesh, rules, (b,), jnp.float32) for name in rewards.names}
+  trajectory = {k: v for k, v in pol.trajectory.items() if k != 'x0_hat'}
+  with common.mesh_context(mesh, rules):
+    jitted = jax.jit(fns.update, in_shardings=(pol.shardings, None, None, None, None, None),
+                     out_shardings=(pol.shardings, None), donate_argnums=(0,))
+  return AbstractStep(jitted=jitted, args=(pol.state, pol.frozen, trajectory, per, pol.cond,
+                                           _key(mesh)),
+                      mesh=mesh, rules=rules, num_params=pol.num_params,
+                      tokens=s * b, flops_per_param_token=0, analytic_flops=flops['update'],
+                      resident={'rewards': rewards})
 
 
 def abstract_reward_step(config, mesh) -> AbstractStep:
@@ -242,6 +395,11 @@ def abstract_reward_step(config, mesh) -> AbstractStep:
   with common.mesh_context(mesh, rules):
     jitted = jax.jit(forward)
   num_params = _size(rewards)
+  resident = None
+  if 'grpo' in config:   # inside a GRPO iteration: the policy and the trajectory stay resident
+    pol = abstract_policy(config, mesh, rules)
+    resident = {'state': pol.state, 'frozen': pol.frozen,
+                'trajectory': {k: v for k, v in pol.trajectory.items() if k != 'x0_hat'}}
   return AbstractStep(jitted=jitted, args=(rewards, samples, batch, _key(mesh)), mesh=mesh,
                       rules=rules, num_params=num_params, tokens=b, flops_per_param_token=0,
-                      analytic_flops=reward_flops * b)
+                      analytic_flops=reward_flops * b, resident=resident)

@@ -111,7 +111,8 @@ def compile_report(jitted_fn, *abstract_args) -> dict[str, Any]:
   analytically before any roofline estimate. Pallas kernels (custom calls) contribute only what
   their `cost_estimate` declares: the Pallas TPU flash-attention backward kernels declare none,
   so a flash-attention gradient reports about the forward's FLOPs. `lower_seconds` and
-  `compile_seconds` are wall time on this host.
+  `compile_seconds` are wall time on this host. `hlo_kib` / `while_loops`: size of the lowered
+  StableHLO text and its number of while loops (scans).
   """
   t0 = time.perf_counter()
   lowered = jitted_fn.lower(*abstract_args)
@@ -120,6 +121,11 @@ def compile_report(jitted_fn, *abstract_args) -> dict[str, Any]:
   t2 = time.perf_counter()
 
   report: dict[str, Any] = {'lower_seconds': t1 - t0, 'compile_seconds': t2 - t1}
+  # Size of the lowered program and its loops: scanned layers and a scanned sampler keep both
+  # small (a model unrolled N times shows up as N× the text and no `while`).
+  text = lowered.as_text()
+  report['hlo_kib'] = len(text) / 1024
+  report['while_loops'] = text.count('stablehlo.while')
   mem = compiled.memory_analysis()
   for key, attr in _MEMORY_FIELDS:
     report[key] = int(getattr(mem, attr, 0) or 0) if mem is not None else None

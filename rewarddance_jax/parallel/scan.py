@@ -9,14 +9,18 @@ compile-only devices of the topology, compiled through libtpu, and summarised as
      jitted as `train/loop.py` jits it (state donated). Returned as an `AbstractStep`. The other
      steps register a builder in `STEP_BUILDERS` under the name a layout's 'step' key selects:
      'grpo' (the whole GRPO iteration: rollout + reward + update) and 'reward' (the reward
-     forward), both in `parallel/abstract_grpo.py`.
+     forward), both in `parallel/abstract_grpo.py`, and 'grpo_rollout' / 'grpo_update' (the
+     iteration's rollout and update alone, from the same functions the fused step composes),
+     'latent_reward' (the DiNa-LRM / PAVRM train step, `parallel/abstract_latent_reward.py`).
   2. `scan_layouts(config, topology, layouts)`: applies each layout's overrides to a copy of the
      config (`mesh` → the topology mesh, `remat` / `scan_layers` → `config.model`, `rules` → a
      `RULE_SETS` override of `config.sharding_rules`), builds the step
      on `aot.tpu_topology_mesh`, and compiles it with `aot.compile_report`. Any failure (a mesh that
      does not divide the device count, a compile error) becomes a row with the error's first line.
   3. Each row has per-chip memory (argument / temp / total GiB) against the chip's HBM (`CHIPS`),
-     `fits` (total ≤ 90% of HBM), XLA's `flops` and `bytes_accessed`, an analytic `model_flops`
+     `resident` GiB (arrays of the iteration on the chips during a step that are not its
+     arguments, `AbstractStep.resident`; 0 for a self-contained step), `fits` (total + resident
+     ≤ 90% of HBM), XLA's `flops` and `bytes_accessed`, an analytic `model_flops`
      and a roofline estimate `max(model_flops / peak, bytes_accessed / bandwidth)` in ms. XLA's
      `cost_analysis` counts a `scan` body once, so with `scan_layers=True` its flops are about
      1/depth of the real ones; the roofline therefore uses the analytic model FLOPs per chip,
@@ -79,6 +83,17 @@ class AbstractStep:
   tokens: int                # tokens processed by one step, over all chips
   flops_per_param_token: int  # 6 for a train step (fwd + bwd), 2 for a forward
   analytic_flops: float | None = None  # set by steps whose FLOPs are not 6·P·tokens (GRPO)
+  # Arrays on the chips while this step runs that are not its arguments (a part of an iteration:
+  # e.g. the optimizer state during the rollout); None for a self-contained step.
+  resident: Any = None
+
+  @property
+  def resident_bytes(self) -> int:
+    """Per-chip bytes of `resident` (each leaf's shard)."""
+    if self.resident is None:
+      return 0
+    from rewarddance_jax.parallel import abstract_grpo  # pylint: disable=import-outside-toplevel
+    return abstract_grpo.per_chip_bytes(self.resident)
 
   @property
   def model_flops(self) -> float:
@@ -160,13 +175,31 @@ def _reward_step(config, mesh) -> AbstractStep:
   return abstract_grpo.abstract_reward_step(config, mesh)
 
 
+def _grpo_rollout_step(config, mesh) -> AbstractStep:
+  from rewarddance_jax.parallel import abstract_grpo  # pylint: disable=import-outside-toplevel
+  return abstract_grpo.abstract_grpo_rollout_step(config, mesh)
+
+
+def _latent_reward_step(config, mesh) -> AbstractStep:
+  from rewarddance_jax.parallel import abstract_latent_reward  # pylint: disable=import-outside-toplevel
+  return abstract_latent_reward.abstract_latent_reward_step(config, mesh)
+
+
+def _grpo_update_step(config, mesh) -> AbstractStep:
+  from rewarddance_jax.parallel import abstract_grpo  # pylint: disable=import-outside-toplevel
+  return abstract_grpo.abstract_grpo_update_step(config, mesh)
+
+
 # name -> builder(config, mesh) -> AbstractStep: the flow train step, the whole GRPO iteration
-# (rollout + reward + update, `train/grpo_step.py`) and the reward forward
-# (`parallel/abstract_grpo.py`).
+# (rollout + reward + update, `train/grpo_step.py`), its rollout and update alone (the same
+# functions the fused step composes) and the reward forward (`parallel/abstract_grpo.py`).
 STEP_BUILDERS: dict[str, Callable[[Any, Any], AbstractStep]] = {
     'flow': abstract_flow_train_step,
     'grpo': _grpo_step,
+    'grpo_rollout': _grpo_rollout_step,
+    'grpo_update': _grpo_update_step,
     'reward': _reward_step,
+    'latent_reward': _latent_reward_step,
 }
 
 
@@ -290,14 +323,17 @@ def scan_layout(config, topology: str, layout: dict) -> dict[str, Any]:
   compute_ms = model_flops / (chip['peak_tflops'] * 1e12) * 1e3
   memory_ms = bytes_accessed / (chip['hbm_gbps'] * 1e9) * 1e3
   total = report['total_bytes']
+  resident = step.resident_bytes
   row.update(
       mesh=dict(mesh.shape), num_devices=n,
       argument_gib=report['argument_bytes'] / GIB, temp_gib=report['temp_bytes'] / GIB,
-      total_gib=total / GIB, fits=total <= HEADROOM * chip['hbm_gib'] * GIB,
+      total_gib=total / GIB, resident_gib=resident / GIB,
+      fits=total + resident <= HEADROOM * chip['hbm_gib'] * GIB,
       flops=report['flops'], model_flops=model_flops, bytes_accessed=bytes_accessed,
       estimate_ms=max(compute_ms, memory_ms),
       bound='compute' if compute_ms >= memory_ms else 'memory',
-      compile_seconds=report['compile_seconds'])
+      compile_seconds=report['compile_seconds'], lower_seconds=report['lower_seconds'],
+      hlo_kib=report.get('hlo_kib'), while_loops=report.get('while_loops'))
   return row
 
 
@@ -327,19 +363,20 @@ def scan_layouts(config, topology: str, layouts: Sequence[dict]) -> list[dict[st
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
   """Markdown table: a header, a separator and one line per row."""
-  header = ('| layout | mesh | args GiB | temp GiB | total GiB | HBM GiB | fits | XLA GFLOP '
-            '| model GFLOP | GB accessed | estimate ms | bound |')
+  header = ('| layout | mesh | args GiB | temp GiB | total GiB | resident GiB | HBM GiB | fits '
+            '| XLA GFLOP | model GFLOP | GB accessed | estimate ms | bound | compile s |')
   lines = [header, '|' + '---|' * (header.count('|') - 1)]
   for r in rows:
     if r.get('error'):
       err = r['error'].replace('|', '\\|')
-      lines.append(f'| {r["layout"]} | error: {err} | | | | {r["hbm_gib"]:.0f} | no | | | | | |')
+      lines.append(f'| {r["layout"]} | error: {err} | | | | | {r["hbm_gib"]:.0f} | no | | | | | | |')
       continue
     mesh = 'x'.join(str(v) for v in r['mesh'].values())
     flops = 'n/a' if r['flops'] is None else f'{r["flops"] / 1e9:.3f}'
     lines.append(
         f'| {r["layout"]} | {mesh} | {r["argument_gib"]:.4f} | {r["temp_gib"]:.4f} '
-        f'| {r["total_gib"]:.4f} | {r["hbm_gib"]:.0f} | {"yes" if r["fits"] else "NO"} '
+        f'| {r["total_gib"]:.4f} | {r.get("resident_gib", 0.0):.4f} | {r["hbm_gib"]:.0f} '
+        f'| {"yes" if r["fits"] else "NO"} '
         f'| {flops} | {r["model_flops"] / 1e9:.3f} | {r["bytes_accessed"] / 1e9:.4f} '
-        f'| {r["estimate_ms"]:.4f} | {r["bound"]} |')
+        f'| {r["estimate_ms"]:.4f} | {r["bound"]} | {r.get("compile_seconds", 0.0):.0f} |')
   return '\n'.join(lines)

@@ -22,6 +22,12 @@ shared loop jits once with the state donated. Inside, with nothing going back to
      resume is exact), advantage |A| mean, zero-std fraction, ratio mean/min/max, clipfrac,
      approx_kl, grad norm, loss.
 
+The parts are separate functions (`make_grpo_functions`: rollout = item 1, score = the rewards of
+item 2, update = advantages + items 3-5) and `step` is their composition, so the layout scanner
+compiles the rollout and the update alone from the same code (parallel/abstract_grpo.py).
+`model_params(trainable, consts)` maps state['params'] to the generator's params: the identity
+(full fine-tuning) or e.g. a LoRA merged into a frozen base in consts['base'].
+
 `consts` holds the frozen trees: {'rewards': WeightedRewards (its params are the reward models),
 'ref': reference params or None, 'base': the frozen base params with LoRA, else None}. They are
 arguments (not closures), so large reward models are sharded inputs rather than constants baked
@@ -185,20 +191,68 @@ def _reward_window(window: jax.Array, rewards: jax.Array, iteration: jax.Array):
   return window, mean, var
 
 
+KEY_NAMES = ('noise', 'rollout', 'select', 'reward', 'shuffle')
+
+
+def split_keys(key: jax.Array) -> dict:
+  """The iteration's keys by use: noise, rollout, select (rollout), reward (score), shuffle."""
+  return dict(zip(KEY_NAMES, jax.random.split(key, len(KEY_NAMES))))
+
+
+def identity_params(trainable, consts):
+  """Full fine-tuning: the trainable tree is the generator's param tree."""
+  del consts
+  return trainable
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOFunctions:
+  """The parts of one GRPO iteration; `step` is their composition (module docstring).
+
+    rollout(params, batch, keys, iteration) -> {'x', 'x_next', 'logp', 'idx', 'x0_hat'}
+        item 1: generator params (already merged), keys from `split_keys`.
+    score(rewards, rollout, batch, key) -> {reward name: (B,)}          item 2, the rewards
+    update(state, consts, rollout, per, batch, key) -> (state, metrics)  items 2 (advantages)-5
+    step(state, batch, key, consts) -> (state, metrics)                  the whole iteration
+  """
+  rollout: Callable
+  score: Callable
+  update: Callable
+  step: Callable
+
+
 def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
                    image_shape: tuple[int, ...], *, reward_names: tuple[str, ...],
                    reward_weights: dict[str, float],
-                   decode: Callable[[jax.Array], jax.Array], image_seq_len: int | None = None):
-  """The pure GRPO iteration `(state, batch, key, consts) -> (state, metrics)` (module docstring).
+                   decode: Callable[[jax.Array], jax.Array], image_seq_len: int | None = None,
+                   model_params: Callable | None = None):
+  """The pure GRPO iteration `(state, batch, key, consts) -> (state, metrics)` (module docstring);
+  `make_grpo_functions(...).step`."""
+  return make_grpo_functions(graphdef, tx, gcfg, image_shape, reward_names=reward_names,
+                             reward_weights=reward_weights, decode=decode,
+                             image_seq_len=image_seq_len, model_params=model_params).step
+
+
+def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
+                        image_shape: tuple[int, ...], *, reward_names: tuple[str, ...],
+                        reward_weights: dict[str, float],
+                        decode: Callable[[jax.Array], jax.Array],
+                        image_seq_len: int | None = None,
+                        model_params: Callable | None = None) -> GRPOFunctions:
+  """Rollout, score, update and their composition `step` (see `GRPOFunctions`).
 
   Args:
     graphdef: the generator's graphdef.
-    tx: the optimizer.
+    tx: the optimizer (over the trainable tree state['params']).
     gcfg: static GRPO settings.
     image_shape: latent shape of one sample (H, W, C).
     reward_names / reward_weights: of the WeightedRewards passed in consts (static).
     decode: latents x̂0 → pixels in [0, 1] (identity-to-unit for the digits, the VAE otherwise).
     image_seq_len: for the 'flux_dynamic' schedule.
+    model_params: (trainable tree, consts) → generator params. Default: from `gcfg.lora`, the
+      identity for full fine-tuning, merge(consts['base'], LoRA) for a LoRA (gradients and
+      optimizer state then cover the LoRA tree only). The layout scanner passes its own (e.g. a
+      bf16 base).
   """
   sigmas_np = gcfg.sigmas(image_seq_len)
   n = gcfg.num_steps
@@ -210,6 +264,9 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
     """The generator's params: merge(base, LoRA) when training a LoRA, else `params`."""
     return lora_lib.merge(base, params, gcfg.lora.scale) if gcfg.lora.rank else params
 
+  if model_params is None:
+    model_params = lambda trainable, consts: policy(trainable, consts.get('base'))  # pylint: disable=unnecessary-lambda-assignment
+
   def velocity(params, x, sigma, cond):
     model = nnx.merge(graphdef, params)
     guidance = None
@@ -217,11 +274,12 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
       guidance = jnp.full((x.shape[0],), gcfg.guidance, jnp.float32)
     return model(x, sigma, cond, guidance)
 
-  def rollout_and_score(params, batch, cond, keys, iteration, rewards):
+  def rollout(params, batch, keys, iteration):
     b = _batch_size(batch)
     if b % g or b % gcfg.minibatches:
       raise ValueError(f'the GRPO batch ({b} rows) must be divisible by group_size={g} and by '
                        f'minibatches={gcfg.minibatches}.')
+    cond = cond_from_batch(batch)
     sigmas = jnp.asarray(sigmas_np)
     idx, sde_mask = timesteps.select(sel, keys['select'], b, iteration)
     x_init = rollout_lib.initial_noise(keys['noise'], (b,) + tuple(image_shape), group_size=g,
@@ -230,10 +288,13 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
     traj = rollout_lib.rollout(lambda x, s: velocity(params, x, s, cond), x_init, sigmas,
                                keys['rollout'], kind=kind, noise_level=eta, sde_mask=sde_mask,
                                keep_steps=range(n - 1))
-    samples = {'latents': traj.x0_hat, 'pixels': decode(traj.x0_hat)}
+    return {'x': traj.x, 'x_next': traj.x_next, 'logp': traj.logp, 'idx': idx,
+            'x0_hat': traj.x0_hat}
+
+  def score(rewards, ro, batch, key):
+    samples = {'latents': ro['x0_hat'], 'pixels': decode(ro['x0_hat'])}
     reward_batch = {k: v for k, v in batch.items() if not isinstance(v, str)}
-    per = rewards.per_reward(samples, reward_batch, keys['reward'])
-    return traj, idx, per
+    return rewards.per_reward(samples, reward_batch, key)
 
   def advantages(per):
     agg = (aggregate.advantage_aggregation if gcfg.aggregation == 'advantage'
@@ -241,15 +302,22 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
     return agg(per, reward_weights, g, mode=gcfg.advantage, global_std=gcfg.global_std,
                clip=gcfg.adv_clip)
 
-  def step_loss(params, frozen, mb, cond):
+  def combine(per):
+    """Σ_k w_k·r_k, as `WeightedRewards.combine` (static weights)."""
+    total = None
+    for name in reward_names:
+      term = jnp.float32(reward_weights[name]) * per[name]
+      total = term if total is None else total + term
+    return total
+
+  def step_loss(trainable, consts, mb, cond):
     """L_t/T of one trained step t of a minibatch, and its statistics."""
     x, x_next, logp_old, sigma, sigma_next, adv, mask = mb
-    ref = frozen['ref']
-    v = velocity(policy(params, frozen['base']), x, sigma, cond)
+    v = velocity(model_params(trainable, consts), x, sigma, cond)
     logp = steps.flow_step(kind, v, x, sigma, sigma_next, noise_level=eta, x_next=x_next).logp
     loss, stats = grpo_loss.clipped_surrogate(logp, logp_old, adv, gcfg.clip_range, mask)
     if gcfg.kl_beta > 0:
-      v_ref = jax.lax.stop_gradient(velocity(ref, x, sigma, cond))
+      v_ref = jax.lax.stop_gradient(velocity(consts['ref'], x, sigma, cond))
       kl = kl_lib.velocity_kl(v, v_ref, sigma, sigma_next - sigma, eta, kind)
       kl_mean = jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)
       loss = loss + gcfg.kl_beta * kl_mean
@@ -261,17 +329,15 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
 
   grad_fn = jax.grad(step_loss, has_aux=True)
 
-  def update(state, consts, data, cond):
+  def minibatch_updates(state, consts, data, cond):
     """M optimizer steps, each accumulating the gradients of its T trained steps."""
-    frozen = {'ref': consts.get('ref'), 'base': consts.get('base')}
-
     def minibatch(carry, xs):
       params, opt_state, ema = carry
       mb, mb_cond = xs
       x, x_next, logp_old, sigma, sigma_next, adv, mask = mb
 
       def per_step(acc, ts):
-        grads, stats = grad_fn(params, frozen, ts + (adv, mask), mb_cond)
+        grads, stats = grad_fn(params, consts, ts + (adv, mask), mb_cond)
         return jax.tree.map(jnp.add, acc, grads), stats
 
       # (b, T, ...) → (T, b, ...): scan over the trained steps.
@@ -288,32 +354,30 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
     (params, opt_state, ema), stats = jax.lax.scan(minibatch, carry, (data, cond))
     return params, opt_state, ema, stats
 
-  def step(state, batch, key, consts):
-    keys = dict(zip(('noise', 'rollout', 'select', 'reward', 'shuffle'), jax.random.split(key, 5)))
-    if gcfg.lora.rank and consts.get('base') is None:
-      raise ValueError('grpo.lora.rank > 0 needs consts["base"] (the frozen generator params).')
-    cond = cond_from_batch(batch)
+  def update(state, consts, ro, per, batch, key):
     iteration = state['rl']['iteration']
-    params = policy(jax.lax.stop_gradient(state['params']), consts.get('base'))
-    traj, idx, per = rollout_and_score(params, batch, cond, keys, iteration, consts['rewards'])
+    cond = cond_from_batch(batch)
     adv = advantages(per)
     mask = adv_lib.nonzero_advantage_mask(adv)
     sigmas = jnp.asarray(sigmas_np)
-    per_sample = (timesteps.gather_steps(traj.x, idx), timesteps.gather_steps(traj.x_next, idx),
-                  timesteps.gather_steps(traj.logp, idx), sigmas[idx], sigmas[idx + 1], adv, mask)
+    idx = ro['idx']
+    per_sample = (timesteps.gather_steps(ro['x'], idx), timesteps.gather_steps(ro['x_next'], idx),
+                  timesteps.gather_steps(ro['logp'], idx), sigmas[idx], sigmas[idx + 1], adv,
+                  mask)
 
     b = adv.shape[0]
     m = gcfg.minibatches
-    perm = jax.random.permutation(keys['shuffle'], b)
+    perm = jax.random.permutation(key, b)
 
     def split(a):
       a = jnp.take(a, perm, axis=0)
       return _rows(a.reshape((m, b // m) + a.shape[1:]), axis=1)
 
     data = tuple(split(a) for a in per_sample)
-    params, opt_state, ema, stats = update(state, consts, data, jax.tree.map(split, cond))
+    params, opt_state, ema, stats = minibatch_updates(state, consts, data,
+                                                      jax.tree.map(split, cond))
 
-    total = consts['rewards'].combine(per)
+    total = combine(per)
     ok = jnp.all(jnp.isfinite(stats['loss'])) & jnp.all(jnp.isfinite(stats['grad_norm']))
     new = {'params': params, 'opt_state': opt_state}
     if ema is not None:
@@ -348,4 +412,13 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
         metrics[f'reward/{name}_std'] = jnp.std(per[name])
     return new, metrics
 
-  return step
+  def step(state, batch, key, consts):
+    if gcfg.lora.rank and consts.get('base') is None:
+      raise ValueError('grpo.lora.rank > 0 needs consts["base"] (the frozen generator params).')
+    keys = split_keys(key)
+    params = model_params(jax.lax.stop_gradient(state['params']), consts)
+    ro = rollout(params, batch, keys, state['rl']['iteration'])
+    per = score(consts['rewards'], ro, batch, keys['reward'])
+    return update(state, consts, ro, per, batch, keys['shuffle'])
+
+  return GRPOFunctions(rollout=rollout, score=score, update=update, step=step)
