@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 
 from rewarddance_jax.data import pipeline
 from rewarddance_jax.flow import ddim, schedules, steps
@@ -161,14 +160,7 @@ def train(config, workdir: str) -> dict:
   rcfg = R0Config.from_config(config.r0)
   batch_size = int(config.data.batch_size)
   tok = common.digits_tokenizer(workdir, config.model.get('vocab_size'))
-  graphdef, params, pshard, _ = common.build_generator(config, mesh, rules)
-  init = config.get('init', {}).get('generator', '')
-  if init:
-    params = common.restore_generator(init, params, pshard,
-                                      use_ema=bool(config.init.get('use_ema', False)))
-    logging.info('R0 starts from the generator in %s.', init)
-  else:
-    logging.warning('config.init.generator is empty: R0 starts from a random generator.')
+  graphdef, params, pshard = common.init_policy(config, mesh, rules)
 
   rewards = registry.build_rewards(config.rewards)
   if not rewards.differentiable:

@@ -208,12 +208,7 @@ def load_references(path: str, top: int) -> np.ndarray:
 
 def build_state(params, pshard, tx, mesh, ema_decay: float) -> tuple[dict, dict]:
   """(state, shardings): params, optimizer, optional EMA, 'rl' iteration counter."""
-  opt_shard = optim.opt_state_shardings(tx, params, pshard, mesh)
-  state = {'params': params, 'opt_state': jax.jit(tx.init, out_shardings=opt_shard)(params)}
-  shardings = {'params': pshard, 'opt_state': opt_shard}
-  if ema_decay > 0:
-    state['ema'] = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=pshard)(params)
-    shardings['ema'] = pshard
+  state, shardings = common.policy_state(params, pshard, tx, mesh, ema_decay)
   replicated = NamedSharding(mesh, P())
   state['rl'] = {'iteration': jax.device_put(np.zeros((), np.int32), replicated)}
   shardings['rl'] = {'iteration': replicated}
@@ -296,14 +291,7 @@ def train(config, workdir: str) -> dict:
   rcfg = ReFLConfig.from_config(config.refl)
   batch_size = int(config.data.batch_size)
   tok = common.digits_tokenizer(workdir, config.model.get('vocab_size'))
-  graphdef, params, pshard, _ = common.build_generator(config, mesh, rules)
-  init = config.get('init', {}).get('generator', '')
-  if init:
-    params = common.restore_generator(init, params, pshard,
-                                      use_ema=bool(config.init.get('use_ema', False)))
-    logging.info('ReFL starts from the generator in %s.', init)
-  else:
-    logging.warning('config.init.generator is empty: ReFL starts from a random generator.')
+  graphdef, params, pshard = common.init_policy(config, mesh, rules)
 
   rewards_cfg = {k: dict(v) for k, v in dict(config.rewards).items()}
   ref_images = None
