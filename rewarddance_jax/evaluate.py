@@ -46,11 +46,21 @@ def make_scorer(reward_cfg):
                                               jnp.asarray(labels, jnp.int32)))
 
 
+def pixel_diversity(images, labels) -> float:
+  """Mean over prompts of the per-pixel std of that prompt's images (image-space diversity;
+  0 when every sample of a prompt is the same image). Unlike the reward std it does not vanish
+  when a bounded reward saturates."""
+  images = np.asarray(images, np.float64).reshape(len(labels), -1)
+  labels = np.asarray(labels)
+  return float(np.mean([images[labels == c].std(axis=0).mean() for c in np.unique(labels)]))
+
+
 def _row(name, images, labels, judge, score, calls, steps):
   r = score(images, labels)
   return {'method': name, 'steps': steps, 'model_calls': calls,
           'judge_accuracy': float(judge.accuracy(images, labels)),
-          'reward_mean': float(r.mean()), 'reward_std': float(r.std())}
+          'reward_mean': float(r.mean()), 'reward_std': float(r.std()),
+          'pixel_std': pixel_diversity(images, labels)}
 
 
 def _search_rows(cfg, graphdef, params, tok, ecfg, judge, score, key, out_dir):
@@ -104,10 +114,11 @@ def _curves(stage_names, dirs, out_dir) -> list[str]:
 
 def format_table(rows) -> str:
   head = ('| method | sampler steps | model calls / image | judge accuracy | reward mean | '
-          'reward std |\n|---|---|---|---|---|---|\n')
+          'reward std | pixel std within prompt |\n|---|---|---|---|---|---|---|\n')
+  pix = lambda r: f"{r['pixel_std']:.4f}" if 'pixel_std' in r else '–'  # pylint: disable=unnecessary-lambda-assignment
   return head + ''.join(
       f"| {r['method']} | {r['steps']} | {r['model_calls']} | {100 * r['judge_accuracy']:.1f}% | "
-      f"{r['reward_mean']:.4f} | {r['reward_std']:.4f} |\n" for r in rows)
+      f"{r['reward_mean']:.4f} | {r['reward_std']:.4f} | {pix(r)} |\n" for r in rows)
 
 
 def _window_std(directory: str) -> tuple[float, float] | None:
@@ -199,7 +210,9 @@ def evaluate_pipeline(config, workdir: str, records: dict) -> dict:
            f'Seed {int(config.seed)}. Judge: the scikit-learn digit classifier trained on real '
            'digits that no reward sees. Reward: the yardstick reward '
            f'`{json.dumps(ecfg.reward.to_dict())}` on {10 * int(ecfg.per_class)} samples '
-           '(10 digit prompts × per_class, one fixed key); reward std is the diversity column.',
+           '(10 digit prompts × per_class, one fixed key). Diversity: the reward std, and the '
+           'per-pixel std among the samples of a prompt, averaged over prompts (the reward std '
+           'vanishes when a bounded reward saturates; the pixel std does not).',
            '', table, '## Stages', '', '| stage | trainer | wall time |', '|---|---|---|']
   lines += [f"| {n} | {r['trainer']} | {r['seconds']:.0f} s |" for n, r in records.items()]
   if checks:
@@ -233,16 +246,23 @@ def summarize_runs(workdirs) -> tuple[str, list[dict]]:
     if any(v is None for v in vals):
       continue
     row = {'method': m, 'seeds': [run['seed'] for run in runs]}
-    for k in ('judge_accuracy', 'reward_mean', 'reward_std'):
+    for k in ('judge_accuracy', 'reward_mean', 'reward_std', 'pixel_std'):
+      if any(k not in v for v in vals):
+        continue
       xs = np.array([v[k] for v in vals], np.float64)
       row[k] = {'mean': float(xs.mean()), 'min': float(xs.min()), 'max': float(xs.max())}
     out.append(row)
   seeds = ', '.join(str(run['seed']) for run in runs)
-  table = (f'Seeds {seeds}: mean [min – max]\n\n| method | judge accuracy | reward mean | reward std |'
-           '\n|---|---|---|---|\n')
-  fmt = lambda d, pct: (f"{100 * d['mean']:.1f}% [{100 * d['min']:.1f} – {100 * d['max']:.1f}]"  # pylint: disable=unnecessary-lambda-assignment
-                        if pct else f"{d['mean']:.4f} [{d['min']:.4f} – {d['max']:.4f}]")
+  table = (f'Seeds {seeds}: mean [min – max]\n\n| method | judge accuracy | reward mean | '
+           'reward std | pixel std within prompt |\n|---|---|---|---|---|\n')
+  def fmt(d, pct):
+    if d is None:
+      return '–'
+    if pct:
+      return f"{100 * d['mean']:.1f}% [{100 * d['min']:.1f} – {100 * d['max']:.1f}]"
+    return f"{d['mean']:.4f} [{d['min']:.4f} – {d['max']:.4f}]"
+
   table += ''.join(f"| {r['method']} | {fmt(r['judge_accuracy'], True)} | "
-                   f"{fmt(r['reward_mean'], False)} | {fmt(r['reward_std'], False)} |\n"
-                   for r in out)
+                   f"{fmt(r['reward_mean'], False)} | {fmt(r['reward_std'], False)} | "
+                   f"{fmt(r.get('pixel_std'), False)} |\n" for r in out)
   return table, out

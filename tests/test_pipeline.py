@@ -104,3 +104,12 @@ def test_summarize_runs_mean_and_spread(tmp_path):
   assert '60.0% [50.0 – 70.0]' in table
   with pytest.raises(FileNotFoundError, match='results.json'):
     evaluate.summarize_runs([str(tmp_path / 'missing')])
+
+
+def test_pixel_diversity_by_hand():
+  # Prompt 0: two images differing by 1 in one of 4 pixels → per-pixel std (0.5, 0, 0, 0), mean
+  # 0.125; prompt 1: identical images → 0. The mean over prompts is 0.0625.
+  images = np.zeros((4, 2, 2, 1), np.float32)
+  images[1, 0, 0, 0] = 1.0
+  images[2:] = 0.3
+  assert evaluate.pixel_diversity(images, np.array([0, 0, 1, 1])) == pytest.approx(0.0625)

@@ -38,7 +38,7 @@ def _config(**overrides):
   return c
 
 
-def _setup(config, devices):
+def _setup(config, devices, fm_table=None):
   mesh = mesh_lib.create_mesh(ml_collections.ConfigDict(
       dict(axes=('data', 'fsdp', 'tensor'), ici=config.mesh.ici)), devices)
   rules_ = sharding_lib.rules_from_config(config.sharding_rules)
@@ -56,11 +56,15 @@ def _setup(config, devices):
                                   decode=grpo_trainer.decode_unit)
   rng = np.random.default_rng(0)
   tokens = np.repeat(rng.integers(4, 40, size=(B // G, 8)).astype(np.int32), G, axis=0)
-  batch = sharding_lib.host_to_global({'tokens': tokens, 'mask': np.ones((B, 8), bool)},
-                                      mesh, rules_)
+  host = {'tokens': tokens, 'mask': np.ones((B, 8), bool)}
+  if fm_table is not None:
+    host['labels'] = np.repeat(np.arange(B // G, dtype=np.int32), G)
+  batch = sharding_lib.host_to_global(host, mesh, rules_)
   with common.mesh_context(mesh, rules_):
     fn = jax.jit(step, in_shardings=(shard, None, None, None), out_shardings=(shard, None))
   consts = {'rewards': rewards, 'ref': None, 'base': frozen}
+  if fm_table is not None:
+    consts['fm_images'] = jnp.asarray(fm_table)
 
   def run(state, key):
     with common.mesh_context(mesh, rules_):
@@ -191,6 +195,32 @@ def test_lora_trainer_resume_equals_uninterrupted(tmp_path):
   # The checkpoint holds the LoRA, its optimizer state and 'rl', not the base.
   step_dir = tmp_path / 'resumed' / 'checkpoints' / '3'
   assert {p.name for p in step_dir.iterdir()} >= {'params', 'opt_state', 'rl'}
+
+
+def test_fm_term_alone_fits_the_real_images_and_pure_grpo_has_none():
+  # adv_clip = 0 zeroes every advantage, so the only gradient is fm_weight·L_FM on the table's
+  # real images (one fixed image per label): its loss must fall; without fm_weight there is no
+  # such term and no metric.
+  cfg = _config(**{'grpo.adv_clip': 0.0, 'grpo.fm_weight': 1.0, 'optax.lr': 3e-2})
+  table = np.random.default_rng(0).uniform(size=(B // G, 1) + grpo_trainer.IMAGE_SHAPE)
+  state, run = _setup(cfg, jax.devices()[:1], fm_table=table.astype(np.float32))
+  losses = []
+  for it in range(12):
+    state, m = run(state, jax.random.key(it))
+    assert float(m['kept_fraction']) == 0.0
+    losses.append(float(m['fm_loss']))
+  assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+  _, m0 = _setup(_config(), jax.devices()[:1])[1](_setup(_config(), jax.devices()[:1])[0],
+                                                   jax.random.key(0))
+  assert 'fm_loss' not in m0
+
+
+def test_fm_weight_needs_digit_prompts(tmp_path):
+  prompts = tmp_path / 'p.jsonl'
+  prompts.write_text('{"prompt": "a red square"}\n')
+  cfg = _config(**{'grpo.fm_weight': 1.0, 'data.prompts': str(prompts)})
+  with pytest.raises(ValueError, match="fm_weight > 0 .*'a red square' names no digit"):
+    grpo_trainer.train(cfg, str(tmp_path / 'run'))
 
 
 def test_reward_window_is_the_std_of_the_last_w_iterations():

@@ -59,6 +59,18 @@ def test_normalized_direction_surrogate_and_l2_by_hand():
   np.testing.assert_allclose(g['a'], [2.0, -4.0])
 
 
+def test_reward_cap_stops_the_push_of_saturated_samples_only():
+  x = jnp.asarray([[3.0, 4.0], [1.0, 0.0], [0.2, 0.1]])
+  fns = {'lin': lambda x: jnp.sum(x, axis=1)}               # values 7, 1, 0.3; ∇ = (1, 1)
+  d, values = r0_lib.normalized_direction(fns, {'lin': 1.0}, x, eps=1e-8, cap=0.9)
+  unit = 1.0 / np.sqrt(2.0)
+  # min(R, 0.9): rows above the cap get no push; the third keeps its unit-norm direction.
+  np.testing.assert_allclose(d, [[0.0, 0.0], [0.0, 0.0], [unit, unit]], rtol=1e-6)
+  np.testing.assert_allclose(values['lin'], [7.0, 1.0, 0.3], rtol=1e-6)   # reported uncapped
+  d_none, _ = r0_lib.normalized_direction(fns, {'lin': 1.0}, x, eps=1e-8)
+  np.testing.assert_allclose(d_none, np.full((3, 2), unit), rtol=1e-6)
+
+
 def _setup(plus: bool, lr: float, ici=(1, 1, 1), devices=None, eps=None):
   config = r0_config.get_config('runlocal')
   devices = devices or jax.devices()[:1]

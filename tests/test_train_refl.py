@@ -8,6 +8,7 @@ import pytest
 
 from configs.digits import refl as refl_config
 from rewarddance_jax import metrics as metrics_lib
+from rewarddance_jax.data import label_table
 from rewarddance_jax.parallel import mesh as mesh_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import base, rules
@@ -166,6 +167,6 @@ def test_bad_config_is_one_clear_error(tmp_path):
 def test_sample_references_draws_one_of_the_labels_top_t():
   refs = np.arange(10 * 2, dtype=np.float32).reshape(10, 2, 1, 1, 1)   # value = 2·label + rank
   labels = jnp.asarray([3, 3, 7, 0] * 8, jnp.int32)
-  out = np.asarray(refl_trainer.sample_references(jnp.asarray(refs), labels, jax.random.key(0)))
+  out = np.asarray(label_table.sample_table(jnp.asarray(refs), labels, jax.random.key(0)))
   rank = out[:, 0, 0, 0] - 2 * np.asarray(labels)
   assert set(rank.tolist()) == {0.0, 1.0}   # both of the top 2 are drawn, nothing else

@@ -5,7 +5,8 @@ Launch (after pretraining a base with configs/digits/flow.py):
   python -m launch.train --config=configs/digits/grpo.py:runlocal --workdir=/tmp/smoke
 Options after the colon: init=<base workdir>, steps=<iterations>, reward=<reward kind>,
 selection=fraction|prefix|window|sliding, lora=<rank> (0 = full fine-tuning; alpha = 2·rank,
-attention kernels), runlocal.
+attention kernels), fm_weight=<w: flow matching on real digits in every update minibatch,
+PPO-ptx style; 0 = pure GRPO>, runlocal.
 """
 
 import ml_collections
@@ -18,7 +19,7 @@ from rewarddance_jax.models.presets import model_preset
 
 def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False, init='', steps=0, reward='digit_prototype',
-                  selection='fraction', model='digits', lora=0)
+                  selection='fraction', model='digits', lora=0, fm_weight=0.0)
   c = ml_collections.ConfigDict()
   c.trainer = 'grpo'
   c.seed = 0
@@ -37,7 +38,7 @@ def get_config(arg=None):
                      iters_per_group=25, max_start=-1),
       advantage='dance', global_std=False, adv_clip=5.0, aggregation='advantage',
       clip_range=1e-3, minibatches=2, kl_beta=0.0, rollout_kl=0.0, same_noise=True,
-      guidance=0.0, ema_decay=0.0, variance_window=50,
+      guidance=0.0, ema_decay=0.0, variance_window=50, fm_weight=arg.fm_weight,
       lora=dict(rank=arg.lora, alpha=2.0 * max(arg.lora, 1), targets=ATTENTION_TARGETS))
   c.rewards = {arg.reward: dict(weight=1.0)}
   add_alignment(c, lr=1e-4, steps=arg.steps, runlocal=arg.runlocal)

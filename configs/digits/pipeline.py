@@ -23,8 +23,8 @@ from rewarddance_jax.config_lib import parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, seed=0, base_steps=600, rm_steps=800, latent_steps=400, grpo_steps=120,
-                  prfl_steps=150, refl_steps=100, r0_steps=100, smoke=False)
+  arg = parse_arg(arg, seed=0, base_steps=600, rm_steps=600, latent_steps=300, grpo_steps=120,
+                  prfl_steps=150, refl_steps=100, r0_steps=50, smoke=False)
   # smoke: every stage on the tiny runlocal configs (a minute or two; for tests).
   local = 'runlocal,' if arg.smoke else ''
   if arg.smoke:
@@ -69,10 +69,14 @@ def get_config(arg=None):
           config='configs.digits.refl', needs=['base', 'reward_vlm'], overrides=no_samples,
           arg=(f'{local}init={{base}},steps={arg.refl_steps},reward=vlm_yes,'
                'reward_path={reward_vlm}/reward_model,native=8')),
+      # cap 0.6: maximise min(P(yes), 0.6), so saturated samples are not pushed on. Without the
+      # cap every sample of a prompt became one image (reward std 1e-4, within-prompt pixel std
+      # 0.01 vs the base's 0.13) and the judge swung by whole classes: 50% on seed 1; with it
+      # 96.5-99% (measured, see the issue note).
       'r0': dict(
           config='configs.digits.r0', needs=['base', 'reward_vlm'], overrides=no_samples,
           arg=(f'{local}init={{base}},steps={arg.r0_steps},reward=vlm_yes,'
-               'reward_path={reward_vlm}/reward_model,native=8')),
+               'reward_path={reward_vlm}/reward_model,native=8,cap=0.6')),
   }
   # The yardstick reward of the report: the trained VLM reward, pointwise.
   c.evaluate = dict(per_class=2 if arg.smoke else 20, sop_n=4, sop_m=2, sop_delta_f=0.1, sop_every=4,

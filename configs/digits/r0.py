@@ -9,7 +9,8 @@ With the trained pointwise VLM reward (configs/digits/reward_vlm.py):
 Options after the colon: init=<base workdir>, steps=<steps>, reward=<reward kind> (several joined
 by '+', e.g. digit_prototype+mean_intensity, each normalised separately), reward_path=<VLM reward
 dir>, native=<n: the VLM reward sees images projected to n×n; 8 for the digits>, lr=<lr>,
-l2=<λ>, plus (R0+), runlocal.
+l2=<λ>, cap=<τ: maximise min(reward, τ), so saturated samples are not pushed further; 0 = no
+cap>, plus (R0+), runlocal.
 """
 
 import ml_collections
@@ -21,7 +22,7 @@ from rewarddance_jax.models.presets import model_preset
 
 def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False, init='', steps=0, reward='digit_prototype', reward_path='',
-                  lr=3e-4, l2=1e-2, plus=False, model='digits', native=0)
+                  lr=3e-4, l2=1e-2, plus=False, model='digits', native=0, cap=0.0)
   c = ml_collections.ConfigDict()
   c.trainer = 'r0'
   c.seed = 0
@@ -33,7 +34,8 @@ def get_config(arg=None):
   c.init = dict(generator=arg.init, use_ema=False)
   c.data = dict(batch_size=32, max_text_len=8, prompts='')
   c.r0 = dict(num_steps=4, schedule='linear', shift=1.0, eta_max=1.0, l2_weight=arg.l2,
-              norm_eps=1e-8, plus=arg.plus, remat=True, guidance=0.0, ema_decay=0.0)
+              norm_eps=1e-8, reward_cap=arg.cap, plus=arg.plus, remat=True, guidance=0.0,
+              ema_decay=0.0)
   c.rewards = {}
   for kind in arg.reward.split('+'):
     if kind == 'vlm_yes':

@@ -8,6 +8,18 @@ Scan its layouts for a TPU pod on a CPU host (docs/scaling.md has the tables):
       --topology=v6e:8x8 --layouts="1,-1,1:full:scan:grpo_rollout"
 Options after the colon: vlm=8b|2b (InternVL3 size), res=720|1024, lora=0|R (LoRA rank; 0 = full).
 
+Train (the data path: public FLUX weights, pre-encoded prompts, the VAE decode before rewards
+that read pixels; `train/grpo.py`):
+  python -m launch.encode_prompts --family=flux --pipeline=/models/FLUX.1-dev \
+      --prompts=prompts.jsonl --out=/data/flux_prompts
+  python -m launch.train --config=configs/flux/grpo_flux_dev.py:src=/models/FLUX.1-dev,\
+prompts=/data/flux_prompts,reward=thurstone,reward_path=/runs/lrm --workdir=/runs/grpo_flux
+  src = a diffusers FLUX directory or pipeline root (its transformer/ and vae/ are read);
+  prompts = the encode_prompts output; reward = mean_intensity | thurstone | process (a latent
+  reward run's workdir as reward_path), or vlm_yes with reward_path = a saved VLM reward
+  directory (`rewards/vlm_export.py`), which scores each row against its own prompt (a prompt
+  table read from the same prompts directory, indexed by the batch's prompt ids).
+
   1. Generator: the FLUX.1-dev MMDiT (11.9B, `models/presets.py`), fp32 params and AdamW state,
      bf16 compute, scanned blocks, full remat. Full fine-tuning, or with lora=R a rank-R LoRA
      (alpha R) on every block's attention and MLP kernels (`nn/lora.BLOCK_TARGETS`; 269M at
@@ -60,7 +72,8 @@ LAYOUTS = {
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, vlm='8b', res=720, steps=0, lora=0)
+  arg = parse_arg(arg, vlm='8b', res=720, steps=0, lora=0, src='', prompts='', cache_dir='',
+                  reward='vlm_yes', reward_path='')
   if arg.res not in LATENTS:
     raise ValueError(f'config arg res={arg.res}: choose one of {sorted(LATENTS)}.')
   if arg.vlm not in VLMS:
@@ -74,12 +87,15 @@ def get_config(arg=None):
 
   c.model = model_preset('flux-dev', dtype='bfloat16', param_dtype='float32', scan_layers=True,
                          remat='full')
-  c.init = dict(generator='', use_ema=False)
+  c.init = dict(generator='', use_ema=False,
+                weights=dict(family='flux', src=arg.src, cache_dir=arg.cache_dir))
+  c.vae = dict(src=arg.src, cache_dir=arg.cache_dir)
   # lora=R > 0: the trainable tree is a rank-R LoRA on every block's attention and MLP kernels
   # (alpha = R), the base frozen in bf16 and outside the optimizer (module docstring, item 1).
   lora = dict(rank=int(arg.lora), alpha=float(arg.lora or 1), targets=BLOCK_TARGETS)
   c.lora_base_dtype = 'bfloat16'
-  c.data = dict(batch_size=192, max_text_len=512, prompts='', latent_shape=LATENTS[arg.res])
+  c.data = dict(batch_size=192, max_text_len=512, prompts='', encoded_prompts=arg.prompts,
+                latent_shape=LATENTS[arg.res])
   c.grpo = dict(
       group_size=12, step_kind='dance', noise_level=0.3, schedule='shift', num_steps=16,
       shift=3.0,
@@ -88,8 +104,14 @@ def get_config(arg=None):
       advantage='dance', global_std=False, adv_clip=5.0, aggregation='advantage',
       clip_range=1e-4, minibatches=3, kl_beta=0.0, rollout_kl=0.0, same_noise=True,
       guidance=3.5, ema_decay=0.0, variance_window=1000, lora=lora)
-  c.rewards = {'vlm_yes': dict(kind='vlm_yes', path='', mode='pointwise',
-                               normalization='two_way', prompts='')}
+  if arg.reward == 'vlm_yes':
+    c.rewards = {'vlm_yes': dict(kind='vlm_yes', path=arg.reward_path, mode='pointwise',
+                                 normalization='two_way', prompts=arg.prompts,
+                                 prompt_index='ids')}
+  elif arg.reward in ('thurstone', 'process'):
+    c.rewards = {arg.reward: dict(kind=arg.reward, path=arg.reward_path)}
+  else:
+    c.rewards = {arg.reward: dict()}
   c.optax = dict(lr=1e-5, schedule='constant', warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
                  weight_decay=1e-4, grad_clip=1.0)
   c.scan = dict(

@@ -251,3 +251,63 @@ def prompt_iter(records: Sequence[Any], batch_size: int, *, seed: int,
       repeat_each=repeat_each, process_index=process_index, process_count=process_count,
       shuffle=shuffle, num_epochs=num_epochs, read_options=read_options))
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Pre-encoded prompts (launch.encode_prompts): real-size GRPO batches.
+# ----------------------------------------------------------------------------------------------
+
+
+class _IndexSource:
+  """Random-access source of prompt indices 0..n−1."""
+
+  def __init__(self, n: int):
+    self._n = n
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, index: int) -> int:
+    return int(index)
+
+
+class _CollateEncoded:
+  """Batch fn: reads the encoded tensors of a batch of unique prompts, repeats each G times."""
+
+  def __init__(self, encoded: Any, repeat_each: int):
+    self._encoded = encoded
+    self._repeat_each = repeat_each
+
+  def __call__(self, indices: Sequence[int]) -> dict[str, Any]:
+    ids = np.asarray(indices, dtype=np.int32)
+    g = self._repeat_each
+    out = {k: np.repeat(v, g, axis=0) for k, v in self._encoded[list(ids)].items()}
+    out['ids'] = np.repeat(ids, g)
+    out['prompts'] = [self._encoded.prompts[i] for i in ids for _ in range(g)]
+    return out
+
+
+def encoded_prompt_iter(encoded: Any, batch_size: int, *, seed: int, repeat_each: int = 1,
+                        process_index: int | None = None, process_count: int | None = None,
+                        shuffle: bool = True, num_epochs: int | None = None,
+                        read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
+  """Iterator of this host's batches of pre-encoded prompts, as `prompt_iter` but with the
+  text encoders' outputs instead of token ids.
+
+  `encoded` is a `weights.text_pipeline.EncodedPrompts` (what `launch.encode_prompts` wrote):
+  `len()`, `.prompts` and `[indices]` → {'txt', 'pooled', 'mask'}. Batches hold those arrays
+  with each prompt repeated `repeat_each` times adjacently, plus 'ids' and 'prompts'. The
+  iterator's state (grain) is checkpointed by the loop, so a resume draws the same prompts.
+  """
+  index, count = _host_layout(process_index, process_count)
+  per_host = _per_host_batch(batch_size, count)
+  if repeat_each < 1 or per_host % repeat_each:
+    raise ValueError(f'per-host batch {per_host} (global batch_size={batch_size} / '
+                     f'process_count={count}) must be divisible by repeat_each={repeat_each}')
+  if len(encoded) == 0:  # pylint: disable=g-explicit-length-test
+    raise ValueError('the encoded prompt set is empty')
+  ds = _shuffled_host_stream(_IndexSource(len(encoded)), seed=seed, shuffle=shuffle,
+                             num_epochs=num_epochs, process_index=index, process_count=count)
+  ds = ds.batch(per_host // repeat_each, drop_remainder=True,
+                batch_fn=_CollateEncoded(encoded, repeat_each))
+  return iter(ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS))

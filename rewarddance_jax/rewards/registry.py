@@ -7,6 +7,8 @@ models register a loader that reads their checkpoint directory.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,18 +19,40 @@ from rewarddance_jax.rewards import base, rules
 Builder = Callable[..., base.Reward]
 
 
+def prompt_table(prompts: str) -> list[str] | None:
+  """The prompt strings of a vlm_yes `prompts` option: 'digits' (the ten digit prompts), '' (none:
+  the batch carries token ids), a directory written by `launch.encode_prompts` (its
+  prompts.jsonl, in the order of the prompt ids its batches carry) or a .jsonl/.csv prompt file."""
+  from rewarddance_jax.data import digits, prompts as prompts_lib  # pylint: disable=import-outside-toplevel
+  if prompts == 'digits':
+    return [digits.prompt_for_label(l) for l in range(10)]
+  if not prompts:
+    return None
+  if os.path.isdir(prompts):
+    path = os.path.join(prompts, 'prompts.jsonl')
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{path}: not an encoded prompts directory (launch.encode_prompts '
+                              'writes prompts.jsonl).')
+    with open(path, encoding='utf-8') as f:
+      return [json.loads(line)['prompt'] for line in f if line.strip()]
+  return [r.prompt for r in prompts_lib.load_prompt_file(prompts)]
+
+
 def _vlm_yes(name: str, path: str, mode: str = 'pointwise', normalization: str = 'two_way',
-             prompts: str = 'digits', ref_images: str = '', native_size: int = 0) -> base.Reward:
+             prompts: str = 'digits', prompt_index: str = 'labels', ref_images: str = '',
+             native_size: int = 0) -> base.Reward:
   """A trained VLM yes-token reward (RewardDance) saved by the vlm_reward trainer at `path`.
 
-  prompts='digits' scores against the ten digit prompts indexed by batch['labels'];
-  prompts='' reads batch['vlm_ids'/'vlm_pos']. ref_images: a samples npz of one reference image
+  prompts: 'digits' scores against the ten digit prompts; a prompt set (an encoded prompts
+  directory or a prompt file, `prompt_table`) against its prompts; either table is encoded once
+  and indexed by batch[prompt_index] ('labels' for the digits, 'ids' for a prompt set's
+  batches); '' reads batch['vlm_ids'/'vlm_pos']. ref_images: a samples npz of one reference image
   per label for the pairwise mode (else batch['ref_pixels']). native_size: see
   `vlm_yes.vlm_yes_reward`.
   """
-  from rewarddance_jax.data import digits, samples  # pylint: disable=import-outside-toplevel
+  from rewarddance_jax.data import samples  # pylint: disable=import-outside-toplevel
   from rewarddance_jax.rewards import vlm_export  # pylint: disable=import-outside-toplevel
-  table = [digits.prompt_for_label(l) for l in range(10)] if prompts == 'digits' else None
+  table = prompt_table(prompts)
   refs = None
   if ref_images:
     loaded = samples.load_samples(ref_images)
@@ -37,7 +61,8 @@ def _vlm_yes(name: str, path: str, mode: str = 'pointwise', normalization: str =
       raise ValueError(f'{ref_images}: no reference image for label(s) {missing}.')
     refs = loaded['images'][[int(np.flatnonzero(loaded['labels'] == l)[0]) for l in range(10)]]
   return vlm_export.load_vlm_reward(path, mode, normalization, prompts=table, ref_images=refs,
-                                    native_size=int(native_size), name=name)
+                                    native_size=int(native_size), name=name,
+                                    index_key=prompt_index)
 
 def _latent(name: str, path: str, sigmas=None, output: str = 'sigmoid') -> base.Reward:
   """A trained latent reward (DiNa-LRM Thurstone or PAVRM process) of a latent_reward run."""

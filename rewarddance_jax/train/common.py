@@ -101,10 +101,45 @@ def restore_generator(directory: str, params, shardings, *, use_ema: bool = Fals
       base, adapter)
 
 
+# config.model keys that describe how a model runs, not its architecture: with weights from a
+# diffusers directory (`config.init.weights`) the architecture is the directory's config.json.
+RUNTIME_MODEL_KEYS = ('dtype', 'param_dtype', 'scan_layers', 'remat', 'attention')
+
+
+def load_generator_weights(config, mesh, rules):
+  """(graphdef, params, shardings) of public weights named by `config.init.weights`:
+  dict(family='flux', src=<diffusers FLUX directory or pipeline root>, cache_dir=<converted-
+  weights cache, optional>), with config.model's runtime keys (RUNTIME_MODEL_KEYS) applied."""
+  from rewarddance_jax.weights import flux  # pylint: disable=import-outside-toplevel
+  w = dict(config.init.weights)
+  unknown = set(w) - {'family', 'src', 'cache_dir'}
+  if unknown:
+    raise ValueError(f'config.init.weights has unknown key(s) {sorted(unknown)}.')
+  if w.get('family', 'flux') != 'flux':
+    raise ValueError(f'config.init.weights.family={w["family"]!r}: only flux generators can be '
+                     'trained from public weights.')
+  model = dict(config.get('model', {}))
+  overrides = {k: (tuple(model[k]) if isinstance(model[k], list) else model[k])
+               for k in RUNTIME_MODEL_KEYS if k in model}
+  graphdef, params, _ = flux.load(w['src'], mesh, rules, cache_dir=w.get('cache_dir') or None,
+                                  progress=True, **overrides)
+  return graphdef, params, jax.tree.map(lambda a: a.sharding, params)
+
+
 def init_policy(config, mesh, rules):
-  """The generator to align: (graphdef, params, shardings), restored from `config.init.generator`
-  (a flow or alignment run's workdir) when set, else freshly initialised (with a warning)."""
+  """The generator to align: (graphdef, params, shardings): public weights when
+  `config.init.weights.src` is set (`load_generator_weights`), else restored from
+  `config.init.generator` (a flow or alignment run's workdir) when set, else freshly initialised
+  (with a warning)."""
   from absl import logging  # pylint: disable=import-outside-toplevel
+  weights = config.get('init', {}).get('weights', {})
+  if weights and weights.get('src'):
+    if config.init.get('generator'):
+      raise ValueError('config.init: set generator (a workdir) or weights.src, not both.')
+    graphdef, params, pshard = load_generator_weights(config, mesh, rules)
+    logging.info('Starting from the %s weights in %s.', weights.get('family', 'flux'),
+                 weights['src'])
+    return graphdef, params, pshard
   graphdef, params, pshard, _ = build_generator(config, mesh, rules)
   init = config.get('init', {}).get('generator', '')
   if init:

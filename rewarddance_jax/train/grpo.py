@@ -7,12 +7,22 @@
      With `config.grpo.lora.rank` > 0 the state holds a LoRA of the generator (`init_lora`,
      sharded like the kernels it adapts) and the initial params become consts['base'], which is
      also the KL reference; checkpoints then hold the LoRA, its optimizer state and 'rl'.
-  3. Prompts: `config.data.prompts` (a jsonl/csv prompt file) or the digit prompts; each batch has
-     batch_size / G distinct prompts, each repeated G times adjacently (`data/pipeline.py`).
+     With `config.grpo.fm_weight` > 0, consts['fm_images'] holds the real training digits per
+     label (`fm_table`) for the flow-matching term of the update.
+  3. Prompts: `config.data.encoded_prompts` (a directory written by `launch.encode_prompts`: the
+     T5/CLIP outputs per prompt, for a generator with external text embeddings such as FLUX),
+     else `config.data.prompts` (a jsonl/csv prompt file) or the digit prompts, tokenized; each
+     batch has batch_size / G distinct prompts, each repeated G times adjacently
+     (`data/pipeline.py`). Latents are `config.data.latent_shape` (H, W, C), default the
+     digits' 16×16×1.
+  Real weights: `config.init.weights` (a diffusers FLUX directory, `common.init_policy`) and
+  `config.vae` = dict(src=<diffusers AutoencoderKL directory or pipeline root>, cache_dir='')
+  for rewards that read pixels: x̂0 → VAE decode → [0, 1] inside the step, the VAE params a
+  const (consts['decoder']). Without `config.vae` the pixels are the digits' identity decode.
   4. The step (`train/grpo_step.py`): rollout, rewards, group advantages, M minibatch updates,
      all in one jitted function on device; checkpoints, resume, SIGTERM as every trainer.
-  5. Hook every `config.samples.every` iterations: ODE samples of the digit prompts, the judge's
-     accuracy and the configured reward of those samples.
+  5. Hook every `config.samples.every` iterations (digits only): ODE samples of the digit prompts,
+     the judge's accuracy and the configured reward of those samples.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rewarddance_jax.data import digits, pipeline, prompts as prompts_lib
+from rewarddance_jax.data import digits, label_table, pipeline, prompts as prompts_lib
 from rewarddance_jax.nn import lora as lora_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import registry
@@ -36,21 +46,74 @@ def decode_unit(x0: jax.Array) -> jax.Array:
   return jnp.clip((x0 + 1.0) * 0.5, 0.0, 1.0)
 
 
+def image_shape(config) -> tuple[int, ...]:
+  """The latent shape (H, W, C) of one sample: `config.data.latent_shape`, else the digits'."""
+  shape = config.data.get('latent_shape')
+  return tuple(int(d) for d in shape) if shape else IMAGE_SHAPE
+
+
+def vae_decoder(config, mesh, rules):
+  """(decode(x̂0, params) → pixels in [0, 1], VAE params) from `config.vae`, or (None, None)."""
+  vcfg = dict(config.get('vae', {}))
+  if not vcfg.get('src'):
+    return None, None
+  unknown = set(vcfg) - {'src', 'cache_dir'}
+  if unknown:
+    raise ValueError(f'config.vae has unknown key(s) {sorted(unknown)}.')
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from rewarddance_jax.weights import vae as vae_weights  # pylint: disable=import-outside-toplevel
+  graphdef, params, _ = vae_weights.load(vcfg['src'], mesh, rules,
+                                         cache_dir=vcfg.get('cache_dir') or None)
+
+  def decode(x0, vae_params):
+    vae = nnx.merge(graphdef, vae_params)
+    return jnp.clip((vae.decode_latents(x0) + 1.0) * 0.5, 0.0, 1.0)
+
+  return decode, params
+
+
 def prompt_records(config):
   path = config.data.get('prompts', '')
   return prompts_lib.load_prompt_file(path) if path else prompts_lib.digits_prompt_records()
 
 
-def digits_host_batch(batch: dict) -> dict:
-  """Arrays of a prompt batch, with the digit each prompt asks for as 'labels' (-1 if none)."""
+def prompt_labels(prompts) -> np.ndarray:
+  """(b,) int32: the digit each prompt asks for, −1 where it names none."""
   labels = []
-  for text in batch['prompts']:
+  for text in prompts:
     try:
       labels.append(digits.label_from_prompt(text))
     except ValueError:
       labels.append(-1)
+  return np.asarray(labels, np.int32)
+
+
+def digits_host_batch(batch: dict) -> dict:
+  """Arrays of a tokenized prompt batch, with the digit of each prompt as 'labels'."""
   return {'tokens': batch['tokens'], 'mask': batch['mask'],
-          'labels': np.asarray(labels, np.int32)}
+          'labels': prompt_labels(batch['prompts'])}
+
+
+def fm_table(config, records) -> np.ndarray:
+  """(10, T, 16, 16, 1): the real training digits of each label, for `grpo.fm_weight` (the
+  flow-matching term on real images). Every prompt must name a digit."""
+  for rec in records:
+    text = rec.prompt if hasattr(rec, 'prompt') else str(rec)
+    try:
+      digits.label_from_prompt(text)
+    except ValueError:
+      raise ValueError(f'grpo.fm_weight > 0 trains on real digits and needs digit prompts; '
+                       f'{text!r} names no digit.') from None
+  split = digits.load_split('train', int(config.seed))
+  return label_table.build_table(split['images'], split['labels'], 10)
+
+
+def encoded_host_batch(batch: dict) -> dict:
+  """Arrays of a pre-encoded prompt batch: the generator's external text conditioning, 'ids'
+  (each row's index in the prompt set, for reward prompt tables) and the digit of each prompt as
+  'labels' (−1 where it names none)."""
+  return {'txt': batch['txt'], 'pooled': batch['pooled'], 'mask': batch['mask'],
+          'ids': np.asarray(batch['ids'], np.int32), 'labels': prompt_labels(batch['prompts'])}
 
 
 def build_state(config, params, pshard, tx, mesh, batch_size: int, gcfg) -> tuple[dict, dict]:
@@ -89,8 +152,10 @@ def train(config, workdir: str) -> dict:
   if batch_size % gcfg.group_size or batch_size % gcfg.minibatches:
     raise ValueError(f'config.data.batch_size={batch_size} must be divisible by '
                      f'grpo.group_size={gcfg.group_size} and grpo.minibatches={gcfg.minibatches}.')
-  tok = common.digits_tokenizer(workdir, config.model.get('vocab_size'))
+  encoded_dir = config.data.get('encoded_prompts', '')
+  tok = None if encoded_dir else common.digits_tokenizer(workdir, config.model.get('vocab_size'))
   graphdef, params, pshard = common.init_policy(config, mesh, rules)
+  shape = image_shape(config)
 
   tx = optim.make_optimizer(config.optax)
   base = ref = None
@@ -104,21 +169,35 @@ def train(config, workdir: str) -> dict:
   state, shardings = build_state(config, trainable, tshard, tx, mesh, batch_size, gcfg)
   rewards = registry.build_rewards(config.rewards)
   consts = {'rewards': rewards, 'ref': ref, 'base': base}
+  decode, consts['decoder'] = vae_decoder(config, mesh, rules)
 
-  max_len = int(config.data.max_text_len)
-  data_iter = pipeline.prompt_iter(prompt_records(config), batch_size, seed=int(config.seed),
-                                   tokenizer=tok, max_len=max_len, repeat_each=gcfg.group_size)
+  if encoded_dir:
+    from rewarddance_jax.weights import text_pipeline  # pylint: disable=import-outside-toplevel
+    encoded = text_pipeline.EncodedPrompts(encoded_dir)
+    records = encoded.prompts
+    data_iter = pipeline.encoded_prompt_iter(encoded, batch_size, seed=int(config.seed),
+                                             repeat_each=gcfg.group_size)
+  else:
+    records = prompt_records(config)
+    data_iter = pipeline.prompt_iter(records, batch_size, seed=int(config.seed), tokenizer=tok,
+                                     max_len=int(config.data.max_text_len),
+                                     repeat_each=gcfg.group_size)
+  if gcfg.fm_weight > 0:
+    consts['fm_images'] = jax.device_put(fm_table(config, records), NamedSharding(mesh, P()))
 
   def to_device(batch):
-    return sharding_lib.host_to_global(digits_host_batch(batch), mesh, rules)
+    host = (encoded_host_batch(batch) if encoded_dir else digits_host_batch(batch))
+    return sharding_lib.host_to_global(host, mesh, rules)
 
   step_fn = grpo_step.make_grpo_step(
-      graphdef, tx, gcfg, IMAGE_SHAPE, reward_names=rewards.names,
-      reward_weights=rewards.weights, decode=decode_unit)
+      graphdef, tx, gcfg, shape, reward_names=rewards.names,
+      reward_weights=rewards.weights, decode=decode or decode_unit)
 
-  hooks = generate.judge_hooks(config, graphdef, tok, workdir, IMAGE_SHAPE, rewards)
-  if gcfg.lora.rank:
-    hooks = lora_hooks(hooks, base, pshard, gcfg.lora.scale)
+  hooks = []
+  if not encoded_dir:   # the judge hooks sample the digit prompts
+    hooks = generate.judge_hooks(config, graphdef, tok, workdir, shape, rewards)
+    if gcfg.lora.rank:
+      hooks = lora_hooks(hooks, base, pshard, gcfg.lora.scale)
   state, last = common.run_loop(
       config, workdir, desc='grpo', state=state, shardings=shardings, step_fn=step_fn,
       data_iter=data_iter, to_device=to_device, mesh=mesh, rules=rules, hooks=hooks, consts=consts)

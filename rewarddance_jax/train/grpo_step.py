@@ -15,7 +15,11 @@ shared loop jits once with the state donated. Inside, with nothing going back to
      step in memory), then one optimizer step (M optimizer steps per iteration; DG/FG
      accumulate over samples × steps the same way, §3.4). L_t is the clipped surrogate
      (`rl.grpo_loss`) + β·velocity-form KL to the frozen reference (§3.3, `rl.kl`) + the optional
-     MixGRPO KL to the rollout policy. EMA after every optimizer step.
+     MixGRPO KL to the rollout policy. With `fm_weight` > 0 each minibatch also adds
+     fm_weight·L_FM on real images of its rows' prompts (PPO-ptx, InstructGPT §3; the FM
+     regulariser of PRFL §6.3 / ReFL §9 #18): consts['fm_images'] is a (P, K, H, W, C) table of
+     real images per prompt label, one drawn per row by key inside the step (so resume is exact).
+     EMA after every optimizer step.
   4. A non-finite loss or gradient anywhere leaves params, optimizer and EMA unchanged.
   5. Metrics: reward mean/std (total and per reward), the reward-variance window (RewardDance
      §4.7: std/var of the raw rewards of the last W iterations, a ring buffer in the state, so
@@ -29,7 +33,8 @@ compiles the rollout and the update alone from the same code (parallel/abstract_
 (full fine-tuning) or e.g. a LoRA merged into a frozen base in consts['base'].
 
 `consts` holds the frozen trees: {'rewards': WeightedRewards (its params are the reward models),
-'ref': reference params or None, 'base': the frozen base params with LoRA, else None}. They are
+'ref': reference params or None, 'base': the frozen base params with LoRA, else None, and
+optionally 'decoder' (the VAE params for `decode`) and 'fm_images'}. They are
 arguments (not closures), so large reward models are sharded inputs rather than constants baked
 into the program.
 
@@ -57,7 +62,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rewarddance_jax.flow import rollout as rollout_lib
+from rewarddance_jax.data import label_table
+from rewarddance_jax.flow import matching, rollout as rollout_lib
 from rewarddance_jax.flow import schedules, steps
 from rewarddance_jax.nn import lora as lora_lib
 from rewarddance_jax.parallel.sharding import constrain
@@ -108,6 +114,7 @@ class GRPOConfig:
   guidance: float = 0.0
   ema_decay: float = 0.0
   variance_window: int = 1000
+  fm_weight: float = 0.0
   lora: LoRAConfig = LoRAConfig()
 
   def __post_init__(self):
@@ -127,6 +134,8 @@ class GRPOConfig:
                        f'{self.group_size}.')
     if self.selection.num_steps != self.num_steps:
       raise ValueError('grpo.selection.num_steps must equal grpo.num_steps.')
+    if self.fm_weight < 0:
+      raise ValueError(f'grpo.fm_weight must be >= 0, got {self.fm_weight}.')
 
   @classmethod
   def from_config(cls, cfg) -> 'GRPOConfig':
@@ -211,7 +220,8 @@ class GRPOFunctions:
 
     rollout(params, batch, keys, iteration) -> {'x', 'x_next', 'logp', 'idx', 'x0_hat'}
         item 1: generator params (already merged), keys from `split_keys`.
-    score(rewards, rollout, batch, key) -> {reward name: (B,)}          item 2, the rewards
+    score(rewards, rollout, batch, key, decoder=None) -> {reward name: (B,)}   item 2, the
+        rewards; `decoder` = the decode's params (consts['decoder'], e.g. the VAE) or None
     update(state, consts, rollout, per, batch, key) -> (state, metrics)  items 2 (advantages)-5
     step(state, batch, key, consts) -> (state, metrics)                  the whole iteration
   """
@@ -247,7 +257,9 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
     gcfg: static GRPO settings.
     image_shape: latent shape of one sample (H, W, C).
     reward_names / reward_weights: of the WeightedRewards passed in consts (static).
-    decode: latents x̂0 → pixels in [0, 1] (identity-to-unit for the digits, the VAE otherwise).
+    decode: latents x̂0 → pixels in [0, 1]: decode(x̂0) (the digits' identity-to-unit), or
+      decode(x̂0, consts['decoder']) when consts holds the decoder's params (the VAE: a const,
+      not a closure, so its weights are a sharded input rather than constants in the program).
     image_seq_len: for the 'flux_dynamic' schedule.
     model_params: (trainable tree, consts) → generator params. Default: from `gcfg.lora`, the
       identity for full fine-tuning, merge(consts['base'], LoRA) for a LoRA (gradients and
@@ -291,8 +303,9 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
     return {'x': traj.x, 'x_next': traj.x_next, 'logp': traj.logp, 'idx': idx,
             'x0_hat': traj.x0_hat}
 
-  def score(rewards, ro, batch, key):
-    samples = {'latents': ro['x0_hat'], 'pixels': decode(ro['x0_hat'])}
+  def score(rewards, ro, batch, key, decoder=None):
+    pixels = decode(ro['x0_hat']) if decoder is None else decode(ro['x0_hat'], decoder)
+    samples = {'latents': ro['x0_hat'], 'pixels': pixels}
     reward_batch = {k: v for k, v in batch.items() if not isinstance(v, str)}
     return rewards.per_reward(samples, reward_batch, key)
 
@@ -309,6 +322,18 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
       term = jnp.float32(reward_weights[name]) * per[name]
       total = term if total is None else total + term
     return total
+
+  def fm_loss(trainable, consts, x_real, cond, key):
+    """fm_weight·L_FM of the minibatch's real images (x_real in model space)."""
+    k_sigma, k_noise = jax.random.split(key)
+    sigma = matching.sample_sigmas(k_sigma, x_real.shape[0])
+    noise = jax.random.normal(k_noise, x_real.shape, jnp.float32)
+    v = velocity(model_params(trainable, consts), matching.interpolate(x_real, noise, sigma),
+                 sigma, cond)
+    fm = matching.flow_matching_loss(v, x_real, noise)
+    return gcfg.fm_weight * fm, fm
+
+  fm_grad_fn = jax.grad(fm_loss, has_aux=True)
 
   def step_loss(trainable, consts, mb, cond):
     """L_t/T of one trained step t of a minibatch, and its statistics."""
@@ -329,11 +354,11 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
 
   grad_fn = jax.grad(step_loss, has_aux=True)
 
-  def minibatch_updates(state, consts, data, cond):
+  def minibatch_updates(state, consts, data, cond, fm_data=None):
     """M optimizer steps, each accumulating the gradients of its T trained steps."""
     def minibatch(carry, xs):
       params, opt_state, ema = carry
-      mb, mb_cond = xs
+      mb, mb_cond, fm_xs = xs
       x, x_next, logp_old, sigma, sigma_next, adv, mask = mb
 
       def per_step(acc, ts):
@@ -343,6 +368,11 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
       # (b, T, ...) → (T, b, ...): scan over the trained steps.
       over_t = tuple(jnp.moveaxis(a, 1, 0) for a in (x, x_next, logp_old, sigma, sigma_next))
       grads, stats = jax.lax.scan(per_step, jax.tree.map(jnp.zeros_like, params), over_t)
+      if fm_xs is not None:
+        x_real, fm_key = fm_xs
+        fm_grads, fm = fm_grad_fn(params, consts, x_real, mb_cond, fm_key)
+        grads = jax.tree.map(jnp.add, grads, fm_grads)
+        stats = dict(stats, fm_loss=fm)
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
       if ema is not None:
@@ -351,7 +381,7 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
       return (params, opt_state, ema), stats
 
     carry = (state['params'], state['opt_state'], state.get('ema'))
-    (params, opt_state, ema), stats = jax.lax.scan(minibatch, carry, (data, cond))
+    (params, opt_state, ema), stats = jax.lax.scan(minibatch, carry, (data, cond, fm_data))
     return params, opt_state, ema, stats
 
   def update(state, consts, ro, per, batch, key):
@@ -374,8 +404,16 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
       return _rows(a.reshape((m, b // m) + a.shape[1:]), axis=1)
 
     data = tuple(split(a) for a in per_sample)
+    fm_data = None
+    if gcfg.fm_weight > 0:
+      if consts.get('fm_images') is None or 'labels' not in batch:
+        raise ValueError('grpo.fm_weight > 0 needs consts["fm_images"] (real images per prompt '
+                         'label) and batch["labels"].')
+      k_pick, k_fm = jax.random.split(jax.random.fold_in(key, 1))
+      real = label_table.sample_table(consts['fm_images'], batch['labels'], k_pick) * 2.0 - 1.0
+      fm_data = (split(real), jax.random.split(k_fm, m))
     params, opt_state, ema, stats = minibatch_updates(state, consts, data,
-                                                      jax.tree.map(split, cond))
+                                                      jax.tree.map(split, cond), fm_data)
 
     total = combine(per)
     ok = jnp.all(jnp.isfinite(stats['loss'])) & jnp.all(jnp.isfinite(stats['grad_norm']))
@@ -406,6 +444,8 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
     }
     if 'kl' in stats:
       metrics['kl'] = jnp.mean(stats['kl'])
+    if 'fm_loss' in stats:
+      metrics['fm_loss'] = jnp.mean(stats['fm_loss'])
     if len(reward_names) > 1:
       for name in reward_names:
         metrics[f'reward/{name}_mean'] = jnp.mean(per[name])
@@ -418,7 +458,7 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
     keys = split_keys(key)
     params = model_params(jax.lax.stop_gradient(state['params']), consts)
     ro = rollout(params, batch, keys, state['rl']['iteration'])
-    per = score(consts['rewards'], ro, batch, keys['reward'])
+    per = score(consts['rewards'], ro, batch, keys['reward'], consts.get('decoder'))
     return update(state, consts, ro, per, batch, keys['shuffle'])
 
   return GRPOFunctions(rollout=rollout, score=score, update=update, step=step)

@@ -14,7 +14,7 @@
         with the gradient (intermediate supervision with stop-gradient through earlier steps);
      c. per-reward gradient normalisation in x̂0 space (`rl.r0.normalized_direction`; for the
         digits x̂0 space is pixel space up to the affine decode), the surrogate −⟨d, x̂0⟩ plus
-        λ·‖θ − θ0‖² (`rl.r0`);
+        λ·‖θ − θ0‖² (`rl.r0`); with `reward_cap` τ > 0 the maximised reward is min(R, τ);
      d. AdamW, optional EMA; a non-finite loss or gradient leaves the state unchanged.
   4. Hook every `config.samples.every` steps: ODE samples (set `config.sampler` to the K-step grid:
      DDIM with η = 0 is the Euler step), the judge's accuracy and the configured reward.
@@ -50,6 +50,7 @@ class R0Config:
   eta_max: float = 1.0
   l2_weight: float = 1e-3
   norm_eps: float = 1e-8
+  reward_cap: float = 0.0
   plus: bool = False
   remat: bool = True
   guidance: float = 0.0
@@ -114,7 +115,8 @@ def make_r0_step(graphdef, tx: optax.GradientTransformation, rcfg: R0Config,
       sub = jax.random.fold_in(key, i)
       fns[reward.name] = (lambda x, r=reward, s=sub: r({'latents': x, 'pixels': decode(x)},
                                                        rbatch, s))
-    direction, per = r0_lib.normalized_direction(fns, rewards.weights, x0, eps=rcfg.norm_eps)
+    direction, per = r0_lib.normalized_direction(fns, rewards.weights, x0, eps=rcfg.norm_eps,
+                                                 cap=rcfg.reward_cap or None)
     surrogate = r0_lib.surrogate_loss(x0, direction)
     l2 = r0_lib.l2_to_init(params, consts['init'])
     loss = surrogate + rcfg.l2_weight * l2

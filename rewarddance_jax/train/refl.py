@@ -36,7 +36,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rewarddance_jax.data import pipeline
+from rewarddance_jax.data import label_table, pipeline
 from rewarddance_jax.data import samples as samples_lib
 from rewarddance_jax.flow import matching, schedules, steps
 from rewarddance_jax.parallel import sharding as sharding_lib
@@ -152,8 +152,8 @@ def make_refl_step(graphdef, tx: optax.GradientTransformation, rcfg: ReFLConfig,
     cond = grpo_step.cond_from_batch(batch)
     b = jax.tree.leaves(cond)[0].shape[0]
     if consts.get('ref_images') is not None:
-      batch = dict(batch, ref_pixels=sample_references(consts['ref_images'], batch['labels'],
-                                                       keys['ref']))
+      batch = dict(batch, ref_pixels=label_table.sample_table(consts['ref_images'],
+                                                              batch['labels'], keys['ref']))
     sigmas = jnp.asarray(sigmas_np)
     mid = refl_lib.sample_step(keys['mid'], lo, hi)
     x_init = jax.random.normal(keys['noise'], (b,) + tuple(image_shape), jnp.float32)
@@ -178,19 +178,6 @@ def make_refl_step(graphdef, tx: optax.GradientTransformation, rcfg: ReFLConfig,
     return new, metrics
 
   return step
-
-
-def sample_references(ref_images: jax.Array, labels: jax.Array, key: jax.Array) -> jax.Array:
-  """(B, H, W, C): for each row one of the top-T references of its label, uniformly.
-
-  ref_images is (P, T, H, W, C), best first. One-hot contractions instead of a gather, so a
-  replicated table indexed by batch-sharded labels shards on the batch (see rules.digit_prototype).
-  """
-  p, t = ref_images.shape[:2]
-  pick = jax.random.randint(key, labels.shape, 0, t)
-  w = (jax.nn.one_hot(labels, p, dtype=jnp.float32)[:, :, None]
-       * jax.nn.one_hot(pick, t, dtype=jnp.float32)[:, None, :])
-  return jnp.einsum('bpt,pthwc->bhwc', w, ref_images)
 
 
 def load_references(path: str, top: int) -> np.ndarray:
