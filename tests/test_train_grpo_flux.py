@@ -1,5 +1,6 @@
-"""GRPO on FLUX from public weights: a tiny diffusers FLUX transformer + VAE saved with
-save_pretrained, prompts pre-encoded as `launch.encode_prompts` writes them, trained through
+"""GRPO on FLUX from public weights: a tiny diffusers FLUX transformer + VAE and a tiny
+transformers InternVL (the P("yes") reward, used as it is) saved with save_pretrained, prompts
+pre-encoded as `launch.encode_prompts` writes them, trained through
 `configs/flux/grpo_flux_dev.py` (exact first-update ratio, exact resume), the VAE decode of the
 step against diffusers, and the VLM reward's prompt table read from the encoded prompts."""
 
@@ -21,6 +22,7 @@ from rewarddance_jax.parallel import sharding as sharding_lib  # noqa: E402
 from rewarddance_jax.rewards import registry  # noqa: E402
 from rewarddance_jax.train import grpo as grpo_trainer  # noqa: E402
 from rewarddance_jax.weights import text_pipeline  # noqa: E402
+from test_vlm_parity import _hf_model, _save_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
 
@@ -62,12 +64,15 @@ def dirs(tmp_path_factory):
 
   enc = root / 'prompts'
   text_pipeline.write_encoded(encoder, PROMPTS, str(enc), batch_size=2)
-  return {'root': str(root), 'prompts': str(enc), 'vae': vae}
+  vlm = root / 'internvl'
+  _hf_model(tie=False).save_pretrained(str(vlm))
+  _save_tokenizer(str(vlm))
+  return {'root': str(root), 'prompts': str(enc), 'vae': vae, 'vlm': str(vlm)}
 
 
 def _config(d, steps):
-  c = grpo_flux_dev.get_config(f"src={d['root']},prompts={d['prompts']},reward=mean_intensity,"
-                               f'steps={steps}')
+  c = grpo_flux_dev.get_config(f"src={d['root']},prompts={d['prompts']},reward=vlm_yes,"
+                               f"reward_path={d['vlm']},steps={steps}")
   c.model.update(dtype='float32', param_dtype='float32', scan_layers=True, remat='none')
   c.mesh.num_devices = 1
   c.data.update(batch_size=4, latent_shape=(8, 8, C))   # 2 prompts × G = 2

@@ -97,3 +97,52 @@ def test_dynamic_tiling_grid_matches_transformers():
   tiles = preprocess.make_tiles(x, 28, max_tiles=4)
   assert tiles.shape == (2, 3, 28, 28, 3)        # 2x1 grid + thumbnail
   np.testing.assert_allclose(tiles[:, 1, :, :, 0] * 0.229 + 0.485, x[:, :, 28:, 0], atol=1e-6)
+
+
+def _save_tokenizer(directory):
+  """A word-level tokenizer.json over the tiny model's 100 ids, with the InternVL image markers,
+  answer words and a chat template (tokenizer_config.json), as a checkpoint directory holds."""
+  import tokenizers
+  words = ['<unk>', 'yes', 'no', 'Yes', 'No', '<img>', '</img>', 'a', 'cat', 'dog', 'image']
+  vocab = {w: i for i, w in enumerate(words)}
+  vocab['<IMG_CONTEXT>'] = IMAGE_TOKEN
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token='<unk>'))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok.add_special_tokens(['<img>', '</img>', '<IMG_CONTEXT>'])
+  tok.save(os.path.join(directory, 'tokenizer.json'))
+  template = ("{% for m in messages %}user {{ m['content'] }}\n{% endfor %}"
+              "{% if add_generation_prompt %}assistant {% endif %}")
+  with open(os.path.join(directory, 'tokenizer_config.json'), 'w') as f:
+    json.dump({'chat_template': template}, f)
+
+
+def test_pretrained_internvl_reward_matches_transformers(tmp_path):
+  # A transformers InternVL directory loads as a P("yes") reward as it is; its reward equals
+  # σ(logsumexp(l_yes, l_Yes) − logsumexp(l_no, l_No)) of transformers' logits at the answer
+  # position, for the same prompt ids and tiles.
+  from rewarddance_jax.rewards import vlm_export
+  model = _hf_model(tie=False)
+  model.save_pretrained(tmp_path)
+  _save_tokenizer(str(tmp_path))
+  prompts = ['a cat', 'a dog']
+  reward = vlm_export.load_vlm_reward(str(tmp_path), 'pointwise', 'two_way', prompts=prompts,
+                                      index_key='ids')
+  pixels = np.random.default_rng(1).uniform(size=(3, 28, 28, 3)).astype(np.float32)
+  ids_of_rows = np.array([1, 0, 1], np.int32)
+  got = np.asarray(jax.jit(lambda p: reward({'pixels': p}, {'ids': jnp.asarray(ids_of_rows)}))(
+      jnp.asarray(pixels)))
+
+  _, _, _, tok, prompters, tile_spec = vlm_export.load_vlm_parts(str(tmp_path))
+  prompter = prompters['pointwise']
+  assert prompter.chat_template and (prompter.image_start, prompter.image_end) == ('<img>', '</img>')
+  enc = prompter.encode([prompts[i] for i in ids_of_rows])
+  tiles = np.asarray(tile_spec(jnp.asarray(pixels)))                  # (3, 1, 28, 28, 3)
+  with torch.no_grad():
+    pix = torch.from_numpy(tiles.reshape(-1, 28, 28, 3).transpose(0, 3, 1, 2).copy())
+    logits = model(input_ids=torch.from_numpy(enc['ids'].astype(np.int64)),
+                   pixel_values=pix).logits.numpy()
+  at = logits[np.arange(3), enc['pos']].astype(np.float64)
+  lse = lambda ids: np.log(np.sum(np.exp(at[:, ids]), axis=1))  # noqa: E731
+  want = 1 / (1 + np.exp(-(lse([1, 3]) - lse([2, 4]))))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert 0 < got.min() and got.max() < 1 and abs(got[0] - got[1]) > 1e-4

@@ -16,9 +16,11 @@ that read pixels; `train/grpo.py`):
 prompts=/data/flux_prompts,reward=thurstone,reward_path=/runs/lrm --workdir=/runs/grpo_flux
   src = a diffusers FLUX directory or pipeline root (its transformer/ and vae/ are read);
   prompts = the encode_prompts output; reward = mean_intensity | thurstone | process (a latent
-  reward run's workdir as reward_path), or vlm_yes with reward_path = a saved VLM reward
-  directory (`rewards/vlm_export.py`), which scores each row against its own prompt (a prompt
-  table read from the same prompts directory, indexed by the batch's prompt ids).
+  reward run's workdir as reward_path), or vlm_yes with reward_path = a transformers InternVL
+  directory (e.g. InternVL3-8B, used as it is: P("yes") with its chat template, one 448² tile)
+  or a VLM reward saved by the vlm_reward trainer (`rewards/vlm_export.py`); it scores each row
+  against its own prompt (a prompt table read from the same prompts directory, indexed by the
+  batch's prompt ids).
 
   1. Generator: the FLUX.1-dev MMDiT (11.9B, `models/presets.py`), fp32 params and AdamW state,
      bf16 compute, scanned blocks, full remat. Full fine-tuning, or with lora=R a rank-R LoRA

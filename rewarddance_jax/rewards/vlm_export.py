@@ -1,5 +1,6 @@
 """A trained VLM reward on disk, for the RL stages: save once, load as a `Reward`.
 
+A pretrained transformers InternVL directory also loads as a reward (`load_pretrained_parts`).
 Layout of `DIR` (no pickle): `params.safetensors` (flat '/'-joined param paths, fp32),
 `vlm.json` (the VLMConfig, tile spec and both prompters' settings), `tokenizer.json`.
 `load_vlm_reward(DIR, mode, normalization, prompts=...)` rebuilds the graphdef from the config and
@@ -61,14 +62,61 @@ def save_vlm_reward(directory: str, params, cfg, tokenizer, prompters: dict, til
   return directory
 
 
+# A pretrained InternVL used as a reward as it is (RewardDance's zero-shot setting): its prompt
+# settings. Answer words are kept when they are one token of the checkpoint's tokenizer.
+PRETRAINED_ANSWERS = {'yes': ('yes', 'Yes'), 'no': ('no', 'No')}
+PRETRAINED_IMAGE_MARKERS = ('<img>', '</img>')
+PRETRAINED_MAX_LEN = 512
+
+
+def _answer_words(tok, words, directory):
+  kept = tuple(w for w in words if len(tok.encode(w, add_special_tokens=False).ids) == 1)
+  if not kept:
+    raise ValueError(f'{directory}: none of the answer words {words} is a single token of its '
+                     'tokenizer.')
+  return kept
+
+
+def load_pretrained_parts(directory: str, **overrides):
+  """As `load_vlm_parts`, for a transformers InternVL directory (config.json, safetensors,
+  tokenizer.json, chat template): one tile of the vision tower's size, the ImageNet
+  normalisation, the checkpoint's chat template and <img>…</img> image markers when the
+  vocabulary has them, answers yes/Yes vs no/No, prompts of up to 512 tokens."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  from rewarddance_jax.weights import internvl  # pylint: disable=import-outside-toplevel
+
+  tok_path = os.path.join(directory, TOKENIZER_FILE)
+  if not os.path.isfile(tok_path):
+    raise FileNotFoundError(f'{tok_path}: a pretrained InternVL reward needs the checkpoint\'s '
+                            'tokenizer.json.')
+  cfg, params = internvl.load_internvl(directory, **overrides)
+  tok = tokenizers.Tokenizer.from_file(tok_path)
+  tile_spec = vlm_yes.TileSpec(size=cfg.vision.image_size)
+  start, end = (m if tok.token_to_id(m) is not None else None for m in PRETRAINED_IMAGE_MARKERS)
+  common = dict(tokenizer=tok, image_token_id=cfg.image_token_id,
+                tokens_per_image=cfg.tokens_per_tile, max_len=PRETRAINED_MAX_LEN,
+                chat_template=vlm_yes.chat_template_from_dir(directory), image_start=start,
+                image_end=end, yes=_answer_words(tok, PRETRAINED_ANSWERS['yes'], directory),
+                no=_answer_words(tok, PRETRAINED_ANSWERS['no'], directory))
+  prompters = {mode: vlm_yes.Prompter(mode=mode, **common) for mode in vlm_yes.MODES}
+  with nnx.use_eager_sharding(False):
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0))))
+  return graphdef, params, cfg, tok, prompters, tile_spec
+
+
 def load_vlm_parts(directory: str, **overrides):
-  """(graphdef, params, VLMConfig, tokenizer, {mode: Prompter}, TileSpec) from `directory`."""
+  """(graphdef, params, VLMConfig, tokenizer, {mode: Prompter}, TileSpec) from `directory`: a
+  reward saved by the vlm_reward trainer (vlm.json), or a pretrained transformers InternVL
+  directory (config.json; `load_pretrained_parts`)."""
   import tokenizers  # pylint: disable=import-outside-toplevel
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
 
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path}: not a saved VLM reward directory.')
+    if os.path.isfile(os.path.join(directory, 'config.json')):
+      return load_pretrained_parts(directory, **overrides)
+    raise FileNotFoundError(f'{path}: not a saved VLM reward directory (nor a transformers '
+                            'InternVL directory with a config.json).')
   with open(path, encoding='utf-8') as f:
     meta = json.load(f)
   vcfg = dict(meta['vlm'])
