@@ -61,3 +61,25 @@ def test_search_over_paths_counts_calls_and_beats_plain_sampling(tiny):
   with pytest.raises(ValueError, match='not one of'):
     generate.search_digits(graphdef, params, tok, cfg.sampler, _brightness, per_class=1,
                            max_len=8, key=jax.random.key(0), method='beam')
+
+
+def test_judge_hook_scores_with_rewards_that_read_the_prompt_tokens(tiny, tmp_path):
+  # Latent rewards run the generator's blocks on the prompt tokens; the hook must pass them.
+  import jax.numpy as jnp
+  from rewarddance_jax.rewards import base
+  cfg, graphdef, params, tok = tiny
+  cfg = cfg.copy_and_resolve_references()
+  cfg.samples.update(every=1, per_class=1)
+
+  def fn(p, samples, batch, key):   # r = the mean token id of the row's prompt
+    del p, samples, key
+    return jnp.mean(batch['tokens'].astype(jnp.float32) * batch['mask'], axis=1)
+
+  rewards = base.WeightedRewards([(base.Reward(name='tok', fn=fn, inputs='pixels',
+                                               differentiable=False), 1.0)])
+  (every, hook), = generate.judge_hooks(cfg, graphdef, tok, str(tmp_path), (16, 16, 1), rewards)
+  out = hook({'params': params}, 1)
+  tokens, mask = tokenizer_lib.encode_prompts(tok, generate.digit_prompts(1)[0],
+                                              int(cfg.data.max_text_len))
+  assert every == 1
+  np.testing.assert_allclose(out['sample_reward'], np.mean(tokens * mask), rtol=1e-6)

@@ -146,3 +146,23 @@ def test_pretrained_internvl_reward_matches_transformers(tmp_path):
   want = 1 / (1 + np.exp(-(lse([1, 3]) - lse([2, 4]))))
   np.testing.assert_allclose(got, want, atol=1e-5)
   assert 0 < got.min() and got.max() < 1 and abs(got[0] - got[1]) > 1e-4
+
+
+def test_reward_params_are_sharded_by_the_rules_and_score_the_same(tmp_path):
+  from rewarddance_jax.parallel import mesh as mesh_lib
+  from rewarddance_jax.parallel.sharding import DEFAULT_RULES
+  from rewarddance_jax.rewards import registry
+  import ml_collections
+  _hf_model(tie=False).save_pretrained(tmp_path)
+  _save_tokenizer(str(tmp_path))
+  cfg = {'v': dict(kind='vlm_yes', path=str(tmp_path))}     # the ten digit prompts, by label
+  mesh = mesh_lib.create_mesh(ml_collections.ConfigDict({'ici': (1, 4, 1)}), jax.devices()[:4])
+  host = registry.build_rewards(cfg)
+  placed = registry.build_rewards(cfg, mesh, DEFAULT_RULES)
+  leaves = jax.tree.leaves(placed.rewards[0].params['model'])
+  assert all(isinstance(x, jax.Array) for x in leaves)
+  assert any(not x.sharding.is_fully_replicated for x in leaves)     # weights split on fsdp
+  pixels = jnp.asarray(np.random.default_rng(2).uniform(size=(4, 28, 28, 3)), jnp.float32)
+  batch = {'labels': jnp.asarray([0, 3, 7, 9], jnp.int32)}
+  score = jax.jit(lambda r: r.total({'pixels': pixels}, batch, jax.random.key(0)))
+  np.testing.assert_allclose(np.asarray(score(placed)), np.asarray(score(host)), atol=1e-5)

@@ -23,7 +23,7 @@ from rewarddance_jax.config_lib import parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, seed=0, base_steps=600, rm_steps=600, latent_steps=300, grpo_steps=120,
+  arg = parse_arg(arg, seed=0, base_steps=600, rm_steps=800, latent_steps=400, grpo_steps=120,
                   prfl_steps=150, refl_steps=100, r0_steps=50, smoke=False)
   # smoke: every stage on the tiny runlocal configs (a minute or two; for tests).
   local = 'runlocal,' if arg.smoke else ''

@@ -45,14 +45,12 @@ prompts=/data/flux_prompts,reward=thurstone,reward_path=/runs/lrm --workdir=/run
 
 import ml_collections
 
+from configs.flux.common import add_flux_data
 from rewarddance_jax.config_lib import parse_arg
-from rewarddance_jax.models.presets import model_preset
 from rewarddance_jax.models.vlm.presets import vlm_preset
 from rewarddance_jax.nn.lora import BLOCK_TARGETS
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES
 
-# res → padded latent (H, W, C); see the module docstring, item 2.
-LATENTS = {720: (96, 96, 16), 1024: (128, 128, 16)}
 VLMS = {'2b': 'internvl3-2b', '8b': 'internvl3-8b'}
 
 # Candidate layouts scanned by default (launch.scan_sharding --layouts=default): the iteration's
@@ -76,8 +74,6 @@ LAYOUTS = {
 def get_config(arg=None):
   arg = parse_arg(arg, vlm='8b', res=720, steps=0, lora=0, src='', prompts='', cache_dir='',
                   reward='vlm_yes', reward_path='')
-  if arg.res not in LATENTS:
-    raise ValueError(f'config arg res={arg.res}: choose one of {sorted(LATENTS)}.')
   if arg.vlm not in VLMS:
     raise ValueError(f'config arg vlm={arg.vlm!r}: choose one of {sorted(VLMS)}.')
   c = ml_collections.ConfigDict()
@@ -87,17 +83,11 @@ def get_config(arg=None):
   c.log_every = 1
   c.max_nonfinite = 10
 
-  c.model = model_preset('flux-dev', dtype='bfloat16', param_dtype='float32', scan_layers=True,
-                         remat='full')
-  c.init = dict(generator='', use_ema=False,
-                weights=dict(family='flux', src=arg.src, cache_dir=arg.cache_dir))
-  c.vae = dict(src=arg.src, cache_dir=arg.cache_dir)
+  add_flux_data(c, arg, batch_size=192)
   # lora=R > 0: the trainable tree is a rank-R LoRA on every block's attention and MLP kernels
   # (alpha = R), the base frozen in bf16 and outside the optimizer (module docstring, item 1).
   lora = dict(rank=int(arg.lora), alpha=float(arg.lora or 1), targets=BLOCK_TARGETS)
   c.lora_base_dtype = 'bfloat16'
-  c.data = dict(batch_size=192, max_text_len=512, prompts='', encoded_prompts=arg.prompts,
-                latent_shape=LATENTS[arg.res])
   c.grpo = dict(
       group_size=12, step_kind='dance', noise_level=0.3, schedule='shift', num_steps=16,
       shift=3.0,
@@ -106,14 +96,6 @@ def get_config(arg=None):
       advantage='dance', global_std=False, adv_clip=5.0, aggregation='advantage',
       clip_range=1e-4, minibatches=3, kl_beta=0.0, rollout_kl=0.0, same_noise=True,
       guidance=3.5, ema_decay=0.0, variance_window=1000, lora=lora)
-  if arg.reward == 'vlm_yes':
-    c.rewards = {'vlm_yes': dict(kind='vlm_yes', path=arg.reward_path, mode='pointwise',
-                                 normalization='two_way', prompts=arg.prompts,
-                                 prompt_index='ids')}
-  elif arg.reward in ('thurstone', 'process'):
-    c.rewards = {arg.reward: dict(kind=arg.reward, path=arg.reward_path)}
-  else:
-    c.rewards = {arg.reward: dict()}
   c.optax = dict(lr=1e-5, schedule='constant', warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
                  weight_decay=1e-4, grad_clip=1.0)
   c.scan = dict(

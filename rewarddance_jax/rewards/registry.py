@@ -7,6 +7,7 @@ models register a loader that reads their checkpoint directory.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -40,13 +41,14 @@ def prompt_table(prompts: str) -> list[str] | None:
 
 def _vlm_yes(name: str, path: str, mode: str = 'pointwise', normalization: str = 'two_way',
              prompts: str = 'digits', prompt_index: str = 'labels', ref_images: str = '',
-             native_size: int = 0) -> base.Reward:
+             native_size: int = 0, dtype: str = '', placement=None) -> base.Reward:
   """A trained VLM yes-token reward (RewardDance) saved by the vlm_reward trainer at `path`.
 
   prompts: 'digits' scores against the ten digit prompts; a prompt set (an encoded prompts
   directory or a prompt file, `prompt_table`) against its prompts; either table is encoded once
   and indexed by batch[prompt_index] ('labels' for the digits, 'ids' for a prompt set's
-  batches); '' reads batch['vlm_ids'/'vlm_pos']. ref_images: a samples npz of one reference image
+  batches); '' reads batch['vlm_ids'/'vlm_pos']. dtype: the VLM's compute dtype (e.g.
+  'bfloat16'; default: as saved). placement: (mesh, rules) from `build_rewards`. ref_images: a samples npz of one reference image
   per label for the pairwise mode (else batch['ref_pixels']). native_size: see
   `vlm_yes.vlm_yes_reward`.
   """
@@ -60,9 +62,10 @@ def _vlm_yes(name: str, path: str, mode: str = 'pointwise', normalization: str =
     if missing:
       raise ValueError(f'{ref_images}: no reference image for label(s) {missing}.')
     refs = loaded['images'][[int(np.flatnonzero(loaded['labels'] == l)[0]) for l in range(10)]]
-  return vlm_export.load_vlm_reward(path, mode, normalization, prompts=table, ref_images=refs,
-                                    native_size=int(native_size), name=name,
-                                    index_key=prompt_index)
+  return vlm_export.load_vlm_reward(path, mode, normalization, placement=placement,
+                                    overrides={'dtype': dtype} if dtype else None,
+                                    prompts=table, ref_images=refs, native_size=int(native_size),
+                                    name=name, index_key=prompt_index)
 
 def _latent(name: str, path: str, sigmas=None, output: str = 'sigmoid') -> base.Reward:
   """A trained latent reward (DiNa-LRM Thurstone or PAVRM process) of a latent_reward run."""
@@ -86,8 +89,10 @@ def register(kind: str, builder: Builder) -> None:
   BUILDERS[kind] = builder
 
 
-def build_rewards(cfg: Mapping[str, Any]) -> base.WeightedRewards:
-  """`{name: {kind, weight, **options}}` → WeightedRewards; unknown kinds/options name the entry."""
+def build_rewards(cfg: Mapping[str, Any], mesh=None, rules=None) -> base.WeightedRewards:
+  """`{name: {kind, weight, **options}}` → WeightedRewards; unknown kinds/options name the entry.
+  With a mesh, builders that take `placement` (the VLM reward) shard their params by the rules
+  (a large reward model is then a sharded const, not a replicated one)."""
   if not cfg:
     raise ValueError('config.rewards is empty: name at least one reward.')
   pairs = []
@@ -98,6 +103,9 @@ def build_rewards(cfg: Mapping[str, Any]) -> base.WeightedRewards:
     if kind not in BUILDERS:
       raise ValueError(f'config.rewards.{name}: unknown reward kind {kind!r}; known: '
                        f'{sorted(BUILDERS)}.')
+    if (mesh is not None and 'placement' not in entry
+        and 'placement' in inspect.signature(BUILDERS[kind]).parameters):
+      entry['placement'] = (mesh, rules)
     try:
       reward = BUILDERS[kind](name, **entry)
     except TypeError as e:

@@ -77,7 +77,20 @@ def _answer_words(tok, words, directory):
   return kept
 
 
-def load_pretrained_parts(directory: str, **overrides):
+def place_params(cfg, params, placement):
+  """`params` of an InternVL put on the mesh in the shardings its logical names and the rules
+  give (`placement` = (mesh, rules)); unchanged when placement is None."""
+  if placement is None:
+    return params
+  from rewarddance_jax.parallel import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+  mesh, rules = placement
+  _, (abstract,) = sharding_lib.abstract_state(lambda: InternVL(cfg, rngs=nnx.Rngs(0)), mesh,
+                                               rules)
+  shardings = nnx.to_pure_dict(sharding_lib.state_shardings(abstract, mesh, rules))
+  return jax.device_put(params, shardings)
+
+
+def load_pretrained_parts(directory: str, placement=None, **overrides):
   """As `load_vlm_parts`, for a transformers InternVL directory (config.json, safetensors,
   tokenizer.json, chat template): one tile of the vision tower's size, the ImageNet
   normalisation, the checkpoint's chat template and <img>…</img> image markers when the
@@ -101,20 +114,21 @@ def load_pretrained_parts(directory: str, **overrides):
   prompters = {mode: vlm_yes.Prompter(mode=mode, **common) for mode in vlm_yes.MODES}
   with nnx.use_eager_sharding(False):
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0))))
-  return graphdef, params, cfg, tok, prompters, tile_spec
+  return graphdef, place_params(cfg, params, placement), cfg, tok, prompters, tile_spec
 
 
-def load_vlm_parts(directory: str, **overrides):
+def load_vlm_parts(directory: str, placement=None, **overrides):
   """(graphdef, params, VLMConfig, tokenizer, {mode: Prompter}, TileSpec) from `directory`: a
   reward saved by the vlm_reward trainer (vlm.json), or a pretrained transformers InternVL
-  directory (config.json; `load_pretrained_parts`)."""
+  directory (config.json; `load_pretrained_parts`). `placement` = (mesh, rules) shards the
+  params by their logical names (else host arrays); `overrides` set VLMConfig fields (dtype)."""
   import tokenizers  # pylint: disable=import-outside-toplevel
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
 
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
     if os.path.isfile(os.path.join(directory, 'config.json')):
-      return load_pretrained_parts(directory, **overrides)
+      return load_pretrained_parts(directory, placement, **overrides)
     raise FileNotFoundError(f'{path}: not a saved VLM reward directory (nor a transformers '
                             'InternVL directory with a config.json).')
   with open(path, encoding='utf-8') as f:
@@ -133,13 +147,15 @@ def load_vlm_parts(directory: str, **overrides):
   with nnx.use_eager_sharding(False):
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0))))
   params = _unflatten(load_file(os.path.join(directory, PARAMS_FILE)))
-  return graphdef, params, cfg, tok, prompters, tile_spec
+  return graphdef, place_params(cfg, params, placement), cfg, tok, prompters, tile_spec
 
 
 def load_vlm_reward(directory: str, mode: str = 'pointwise', normalization: str = 'two_way',
-                    **reward_kwargs):
-  """The saved VLM as a `Reward` (see `vlm_yes.vlm_yes_reward` for `prompts`, `ref_images`)."""
-  graphdef, params, _, _, prompters, tile_spec = load_vlm_parts(directory)
+                    placement=None, overrides: dict | None = None, **reward_kwargs):
+  """The saved VLM as a `Reward` (see `vlm_yes.vlm_yes_reward` for `prompts`, `ref_images`;
+  `load_vlm_parts` for `placement` and `overrides`)."""
+  graphdef, params, _, _, prompters, tile_spec = load_vlm_parts(directory, placement,
+                                                                **(overrides or {}))
   if mode not in prompters:
     raise ValueError(f'{directory} holds prompters for {sorted(prompters)}, not {mode!r}.')
   return vlm_yes.vlm_yes_reward(graphdef, params, prompters[mode], tile_spec,

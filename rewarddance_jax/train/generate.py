@@ -101,7 +101,9 @@ def make_judge_hook(config, graphdef, tok, workdir: str, image_shape: tuple[int,
                     params_item: str = 'params', extra=None):
   """A loop hook `(state, step) -> metrics`: ODE samples of the ten digit prompts from a fixed key
   (`state['ema']` if present, else `state[params_item]`) → `samples/samples_<step>.npz/.png`, and
-  the independent judge's prompt-alignment accuracy. `extra(images, labels) -> dict` adds metrics.
+  the independent judge's prompt-alignment accuracy. `extra(images, labels, tokens, mask) -> dict`
+  adds metrics (tokens/mask: the prompts as the generator saw them, for latent rewards that run
+  the generator's own blocks).
   """
   sample_fn = make_sampler(graphdef, config.sampler, image_shape)
   sample_key = jax.random.key(int(config.seed) + 1)
@@ -120,7 +122,8 @@ def make_judge_hook(config, graphdef, tok, workdir: str, image_shape: tuple[int,
     write_samples(os.path.join(workdir, 'samples'), f'samples_{step}', images, labels, prompts)
     out = {'judge_accuracy': judge().accuracy(images, labels)}
     if extra is not None:
-      out.update(extra(images, labels))
+      tokens, mask = tokenizer_lib.encode_prompts(tok, prompts, max_len)
+      out.update(extra(images, labels, tokens, mask))
     logging.info('step %d: judge prompt-alignment accuracy %.3f', step, out['judge_accuracy'])
     return out
 
@@ -171,11 +174,12 @@ def judge_hooks(config, graphdef, tok, workdir: str, image_shape: tuple[int, ...
     return []
   extra = None
   if rewards is not None:
-    score = jax.jit(lambda r, images, labels: r.total(
-        {'pixels': images, 'latents': images * 2.0 - 1.0}, {'labels': labels},
-        jax.random.key(0)))
+    score = jax.jit(lambda r, images, batch: r.total(
+        {'pixels': images, 'latents': images * 2.0 - 1.0}, batch, jax.random.key(0)))
 
-    def extra(images, labels):
-      return {'sample_reward': float(jnp.mean(score(rewards, images, labels)))}
+    def extra(images, labels, tokens, mask):
+      batch = {'labels': jnp.asarray(labels, jnp.int32), 'tokens': jnp.asarray(tokens),
+               'mask': jnp.asarray(mask)}
+      return {'sample_reward': float(jnp.mean(score(rewards, jnp.asarray(images), batch)))}
 
   return [(every, make_judge_hook(config, graphdef, tok, workdir, image_shape, extra=extra))]

@@ -94,6 +94,31 @@ def digits_host_batch(batch: dict) -> dict:
           'labels': prompt_labels(batch['prompts'])}
 
 
+def prompt_data(config, tok, batch_size: int, repeat_each: int, mesh, rules):
+  """(prompt records, data iterator, to_device) of a prompt-only trainer (GRPO, R0): the
+  pre-encoded prompts of `config.data.encoded_prompts` (batches of txt/pooled/mask/ids), else
+  the prompt file or the digit prompts tokenized with `tok`; each prompt `repeat_each` times."""
+  encoded_dir = config.data.get('encoded_prompts', '')
+  if encoded_dir:
+    from rewarddance_jax.weights import text_pipeline  # pylint: disable=import-outside-toplevel
+    encoded = text_pipeline.EncodedPrompts(encoded_dir)
+    records = encoded.prompts
+    data_iter = pipeline.encoded_prompt_iter(encoded, batch_size, seed=int(config.seed),
+                                             repeat_each=repeat_each)
+    host_fn = encoded_host_batch
+  else:
+    records = prompt_records(config)
+    data_iter = pipeline.prompt_iter(records, batch_size, seed=int(config.seed), tokenizer=tok,
+                                     max_len=int(config.data.max_text_len),
+                                     repeat_each=repeat_each)
+    host_fn = digits_host_batch
+
+  def to_device(batch):
+    return sharding_lib.host_to_global(host_fn(batch), mesh, rules)
+
+  return records, data_iter, to_device
+
+
 def fm_table(config, records) -> np.ndarray:
   """(10, T, 16, 16, 1): the real training digits of each label, for `grpo.fm_weight` (the
   flow-matching term on real images). Every prompt must name a digit."""
@@ -167,27 +192,14 @@ def train(config, workdir: str) -> dict:
     ref = base if base is not None else jax.jit(lambda p: jax.tree.map(jnp.copy, p),
                                                 out_shardings=pshard)(params)
   state, shardings = build_state(config, trainable, tshard, tx, mesh, batch_size, gcfg)
-  rewards = registry.build_rewards(config.rewards)
+  rewards = registry.build_rewards(config.rewards, mesh, rules)
   consts = {'rewards': rewards, 'ref': ref, 'base': base}
   decode, consts['decoder'] = vae_decoder(config, mesh, rules)
 
-  if encoded_dir:
-    from rewarddance_jax.weights import text_pipeline  # pylint: disable=import-outside-toplevel
-    encoded = text_pipeline.EncodedPrompts(encoded_dir)
-    records = encoded.prompts
-    data_iter = pipeline.encoded_prompt_iter(encoded, batch_size, seed=int(config.seed),
-                                             repeat_each=gcfg.group_size)
-  else:
-    records = prompt_records(config)
-    data_iter = pipeline.prompt_iter(records, batch_size, seed=int(config.seed), tokenizer=tok,
-                                     max_len=int(config.data.max_text_len),
-                                     repeat_each=gcfg.group_size)
+  records, data_iter, to_device = prompt_data(config, tok, batch_size, gcfg.group_size, mesh,
+                                              rules)
   if gcfg.fm_weight > 0:
     consts['fm_images'] = jax.device_put(fm_table(config, records), NamedSharding(mesh, P()))
-
-  def to_device(batch):
-    host = (encoded_host_batch(batch) if encoded_dir else digits_host_batch(batch))
-    return sharding_lib.host_to_global(host, mesh, rules)
 
   step_fn = grpo_step.make_grpo_step(
       graphdef, tx, gcfg, shape, reward_names=rewards.names,

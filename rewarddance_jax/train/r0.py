@@ -1,9 +1,12 @@
 """R0 regularised reward maximisation of a few-step generator (`trainer: r0`; ALGORITHMS.md §7, §9 #27).
 
-  1. Mesh, rules, the generator restored from `config.init.generator` (the pretrained base); a
-     frozen copy θ0 of it is the L2 anchor (a const, not checkpointed).
+  1. Mesh, rules, the generator restored from `config.init.generator` (the pretrained base) or
+     public FLUX weights (`config.init.weights`, `common.init_policy`); a frozen copy θ0 of it is
+     the L2 anchor (a const, not checkpointed).
   2. Data: prompts only (R0 trains without images): the digit prompts (or `config.data.prompts`),
-     with 'labels' for the digit rewards.
+     with 'labels' for the digit rewards, or pre-encoded prompts (`config.data.encoded_prompts`,
+     with `config.data.latent_shape` and the VAE of `config.vae` decoding x̂0 for pixel rewards;
+     the same data path as GRPO, `grpo.prompt_data` / `grpo.vae_decoder`).
   3. The step (pure, jitted once by the loop, state donated):
      a. g_θ is K DDIM-η steps on `r0.sigmas` (K = 4): from z ~ N(0, I),
         x_{k+1} = (1 − σ_{k+1})·x̂0_k + σ_{k+1}·(sqrt(1 − η²)·ε̂_k + η·ξ_k) (`flow/ddim.py`), with a
@@ -16,7 +19,7 @@
         digits x̂0 space is pixel space up to the affine decode), the surrogate −⟨d, x̂0⟩ plus
         λ·‖θ − θ0‖² (`rl.r0`); with `reward_cap` τ > 0 the maximised reward is min(R, τ);
      d. AdamW, optional EMA; a non-finite loss or gradient leaves the state unchanged.
-  4. Hook every `config.samples.every` steps: ODE samples (set `config.sampler` to the K-step grid:
+  4. Hook every `config.samples.every` steps (digits only): ODE samples (set `config.sampler` to the K-step grid:
      DDIM with η = 0 is the Euler step), the judge's accuracy and the configured reward.
 """
 
@@ -29,9 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rewarddance_jax.data import pipeline
 from rewarddance_jax.flow import ddim, schedules, steps
-from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import registry
 from rewarddance_jax.rl import ema as ema_lib
 from rewarddance_jax.rl import r0 as r0_lib
@@ -81,7 +82,8 @@ def make_r0_step(graphdef, tx: optax.GradientTransformation, rcfg: R0Config,
                  image_shape: tuple[int, ...], *, decode, image_seq_len: int | None = None):
   """The pure R0 step `(state, batch, key, consts) -> (state, metrics)` (module docstring).
 
-  consts = {'rewards': WeightedRewards (differentiable), 'init': θ0}.
+  consts = {'rewards': WeightedRewards (differentiable), 'init': θ0, and optionally 'decoder':
+  the params of `decode` (the VAE: decode(x̂0, params)), else decode(x̂0)}.
   """
   sigmas_np = rcfg.sigmas(image_seq_len)
   k_steps = rcfg.num_steps
@@ -109,11 +111,13 @@ def make_r0_step(graphdef, tx: optax.GradientTransformation, rcfg: R0Config,
 
   def loss_fn(params, x_init, eta, xi, cond, rbatch, k_star, key, consts):
     rewards = consts['rewards']
+    decoder = consts.get('decoder')
+    pixels = (lambda x: decode(x)) if decoder is None else (lambda x: decode(x, decoder))  # pylint: disable=unnecessary-lambda
     x0 = generate_x0(params, x_init, eta, xi, cond, k_star)
     fns = {}
     for i, reward in enumerate(rewards.rewards):
       sub = jax.random.fold_in(key, i)
-      fns[reward.name] = (lambda x, r=reward, s=sub: r({'latents': x, 'pixels': decode(x)},
+      fns[reward.name] = (lambda x, r=reward, s=sub: r({'latents': x, 'pixels': pixels(x)},
                                                        rbatch, s))
     direction, per = r0_lib.normalized_direction(fns, rewards.weights, x0, eps=rcfg.norm_eps,
                                                  cap=rcfg.reward_cap or None)
@@ -161,10 +165,12 @@ def train(config, workdir: str) -> dict:
   mesh, rules = common.setup_mesh(config)
   rcfg = R0Config.from_config(config.r0)
   batch_size = int(config.data.batch_size)
-  tok = common.digits_tokenizer(workdir, config.model.get('vocab_size'))
+  encoded = bool(config.data.get('encoded_prompts', ''))
+  tok = None if encoded else common.digits_tokenizer(workdir, config.model.get('vocab_size'))
   graphdef, params, pshard = common.init_policy(config, mesh, rules)
+  shape = grpo.image_shape(config)
 
-  rewards = registry.build_rewards(config.rewards)
+  rewards = registry.build_rewards(config.rewards, mesh, rules)
   if not rewards.differentiable:
     raise ValueError(f'R0 needs differentiable rewards; config.rewards has '
                      f'{[r.name for r in rewards.rewards if not r.differentiable]} that are not.')
@@ -172,14 +178,11 @@ def train(config, workdir: str) -> dict:
   state, shardings = refl_trainer.build_state(params, pshard, tx, mesh, rcfg.ema_decay)
   theta0 = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=pshard)(params)
   consts = {'rewards': rewards, 'init': theta0}
-  data_iter = pipeline.prompt_iter(grpo.prompt_records(config), batch_size, seed=int(config.seed),
-                                   tokenizer=tok, max_len=int(config.data.max_text_len))
+  decode, consts['decoder'] = grpo.vae_decoder(config, mesh, rules)
+  _, data_iter, to_device = grpo.prompt_data(config, tok, batch_size, 1, mesh, rules)
 
-  def to_device(batch):
-    return sharding_lib.host_to_global(grpo.digits_host_batch(batch), mesh, rules)
-
-  step_fn = make_r0_step(graphdef, tx, rcfg, IMAGE_SHAPE, decode=grpo.decode_unit)
-  hooks = generate.judge_hooks(config, graphdef, tok, workdir, IMAGE_SHAPE, rewards)
+  step_fn = make_r0_step(graphdef, tx, rcfg, shape, decode=decode or grpo.decode_unit)
+  hooks = [] if encoded else generate.judge_hooks(config, graphdef, tok, workdir, shape, rewards)
   state, last = common.run_loop(
       config, workdir, desc='r0', state=state, shardings=shardings, step_fn=step_fn,
       data_iter=data_iter, to_device=to_device, mesh=mesh, rules=rules, hooks=hooks, consts=consts)

@@ -1,4 +1,4 @@
-"""GRPO on FLUX from public weights: a tiny diffusers FLUX transformer + VAE and a tiny
+"""GRPO and R0 on FLUX from public weights: a tiny diffusers FLUX transformer + VAE and a tiny
 transformers InternVL (the P("yes") reward, used as it is) saved with save_pretrained, prompts
 pre-encoded as `launch.encode_prompts` writes them, trained through
 `configs/flux/grpo_flux_dev.py` (exact first-update ratio, exact resume), the VAE decode of the
@@ -15,12 +15,12 @@ import pytest
 torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
-from configs.flux import grpo_flux_dev  # noqa: E402
+from configs.flux import grpo_flux_dev, r0_flux_dev  # noqa: E402
 from rewarddance_jax import metrics as metrics_lib  # noqa: E402
 from rewarddance_jax.parallel import mesh as mesh_lib  # noqa: E402
 from rewarddance_jax.parallel import sharding as sharding_lib  # noqa: E402
 from rewarddance_jax.rewards import registry  # noqa: E402
-from rewarddance_jax.train import grpo as grpo_trainer  # noqa: E402
+from rewarddance_jax.train import grpo as grpo_trainer, r0 as r0_trainer  # noqa: E402
 from rewarddance_jax.weights import text_pipeline  # noqa: E402
 from test_vlm_parity import _hf_model, _save_tokenizer  # noqa: E402
 
@@ -97,6 +97,23 @@ def test_grpo_trains_flux_from_diffusers_weights_and_resumes_exactly(dirs, tmp_p
   assert m['grad_norm'] > 0.0 and m['log_ratio_max_abs'] > 0.0   # the second minibatch moved
   key = lambda ms: {m['step']: (m['loss'], m['reward_mean'], m['grad_norm']) for m in ms}
   assert key(resumed) == key(straight)
+
+
+def test_r0_trains_flux_through_the_vae_and_the_internvl_reward(dirs, tmp_path):
+  c = r0_flux_dev.get_config(f"src={dirs['root']},prompts={dirs['prompts']},"
+                             f"reward_path={dirs['vlm']},steps=2,lr=1e-3")
+  c.model.update(dtype='float32', param_dtype='float32', scan_layers=True, remat='none')
+  c.mesh.num_devices = 1
+  c.data.update(batch_size=2, latent_shape=(8, 8, C))
+  c.r0.num_steps = 2
+  c.ckpt.update(every=2, async_save=False)
+  r0_trainer.train(c, str(tmp_path))
+  ms = [m for m in metrics_lib.read_metrics(str(tmp_path)) if 'loss' in m]
+  assert [m['step'] for m in ms] == [1, 2]
+  for m in ms:
+    assert np.isfinite(m['loss']) and m['skipped'] == 0 and m['grad_norm'] > 0
+    assert 0.0 < m['reward_mean'] < 1.0
+  assert ms[1]['l2'] > 0.0        # the generator moved away from θ0
 
 
 def test_step_decode_matches_diffusers_vae(dirs):
