@@ -64,6 +64,26 @@ def test_bad_mesh_is_an_error_row(rows):
   assert '\n' not in bad['error'] and not bad['fits']
 
 
+def test_a_layout_whose_resident_state_cannot_be_sharded_is_an_error_row(monkeypatch):
+  # E.g. tensor = 4 on a 151674-token vocabulary: the step compiles, sharding its resident
+  # state raises. The scan must keep going (one error row), not lose the other rows.
+  class Step:
+    model_flops = 1.0
+
+    def compile_report(self):
+      return {}
+
+    @property
+    def resident_bytes(self):
+      raise ValueError('axis 0 of (151674, 3584) is not divisible by 4')
+
+  monkeypatch.setitem(scan.STEP_BUILDERS, 'flow', lambda cfg, mesh: Step())
+  rows = scan.scan_layouts(flow_config.get_config('runlocal'), TOPOLOGY,
+                           [{'mesh': (1, 1, 4)}])
+  assert rows[0]['error'] == 'ValueError: axis 0 of (151674, 3584) is not divisible by 4'
+  assert not rows[0]['fits']
+
+
 def test_format_table_has_a_line_per_row(rows):
   lines = scan.format_table(rows).splitlines()
   assert len(lines) == 2 + len(rows)

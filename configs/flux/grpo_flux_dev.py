@@ -59,12 +59,11 @@ CANDIDATES = ('1,-1,1:full:scan:grpo_rollout;1,-1,1:full:scan:reward;'
               '1,-1,1:full:scan:grpo_update')
 
 # Default layout (MESH:REMAT:scan, for all three steps) per topology and mode, from the scans in
-# docs/scaling.md. One layout per topology was compiled (the update alone took 19 min on the
-# shared 2-core host), so these are "fits with headroom", not "fastest of several":
-#   v5p-64 full: iteration peak 12.4 GiB of 95 per chip (all three steps compiled).
-#   v5p-64 LoRA: see docs/scaling.md.
-#   v6e-64: rollout compiled (5.4 GiB of 32 with resident state); update not compiled here (its
-#     v5p per-chip peak, 12.4 GiB, is 39% of a v6e chip): unconfirmed.
+# docs/scaling.md (idle 2-core host, 2026-11-23; each whole iteration in 6-9 minutes):
+#   v5p-64 full: iteration peak 12.4 GiB of 95 per chip; `2,-1,1` has the same roofline estimate
+#     at 21.3 GiB, `1,-1,4` cannot shard InternVL's 151674-token vocabulary on tensor = 4.
+#   v5p-64 LoRA r 64: 14.8 GiB of 95.
+#   v6e-64 full: 11.7 GiB of 32.
 LAYOUTS = {
     'full': {'v5p:4x4x4': '1,-1,1:full:scan', 'v6e:8x8': '1,-1,1:full:scan'},
     'lora': {'v5p:4x4x4': '1,-1,1:full:scan', 'v6e:8x8': '1,-1,1:full:scan'},

@@ -314,6 +314,7 @@ def scan_layout(config, topology: str, layout: dict) -> dict[str, Any]:
                                  tuple(cfg.mesh.axes))
     step = builder(cfg, mesh)
     report = step.compile_report()
+    resident = step.resident_bytes   # shards the resident state: may fail for this layout too
   except Exception as e:  # pylint: disable=broad-except  # a failed layout is a table row
     row.update(error=_first_line(e), fits=False, estimate_ms=math.inf)
     return row
@@ -323,7 +324,6 @@ def scan_layout(config, topology: str, layout: dict) -> dict[str, Any]:
   compute_ms = model_flops / (chip['peak_tflops'] * 1e12) * 1e3
   memory_ms = bytes_accessed / (chip['hbm_gbps'] * 1e9) * 1e3
   total = report['total_bytes']
-  resident = step.resident_bytes
   row.update(
       mesh=dict(mesh.shape), num_devices=n,
       argument_gib=report['argument_bytes'] / GIB, temp_gib=report['temp_bytes'] / GIB,
