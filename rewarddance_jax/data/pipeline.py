@@ -198,6 +198,25 @@ class _CollatePrompts:
             'mask': np.repeat(mask, g, axis=0), 'prompts': [t for t in texts for _ in range(g)]}
 
 
+def _grouped_batches(source: Any, batch_fn: Any, batch_size: int, *, seed: int,
+                     repeat_each: int, process_index: int | None, process_count: int | None,
+                     shuffle: bool, num_epochs: int | None,
+                     read_options: grain.ReadOptions | None) -> grain.IterDataset:
+  """This host's batches of `per-host batch / repeat_each` distinct elements of `source`, made
+  into rows by `batch_fn` (which repeats each element `repeat_each` times adjacently)."""
+  index, count = _host_layout(process_index, process_count)
+  per_host = _per_host_batch(batch_size, count)
+  if repeat_each < 1 or per_host % repeat_each:
+    raise ValueError(f'per-host batch {per_host} (global batch_size={batch_size} / '
+                     f'process_count={count}) must be divisible by repeat_each={repeat_each}')
+  if len(source) == 0:  # pylint: disable=g-explicit-length-test  (sources may lack __bool__)
+    raise ValueError('prompt set is empty')
+  ds = _shuffled_host_stream(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                             process_index=index, process_count=count)
+  ds = ds.batch(per_host // repeat_each, drop_remainder=True, batch_fn=batch_fn)
+  return ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
+
+
 def prompt_dataset(records: Sequence[Any], batch_size: int, *, seed: int,
                    tokenizer: tokenizers.Tokenizer | None = None, max_len: int = 8,
                    repeat_each: int = 1, process_index: int | None = None,
@@ -205,19 +224,11 @@ def prompt_dataset(records: Sequence[Any], batch_size: int, *, seed: int,
                    num_epochs: int | None = None,
                    read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
   """The prompt pipeline as a `grain.IterDataset` (see `prompt_iter`)."""
-  index, count = _host_layout(process_index, process_count)
-  per_host = _per_host_batch(batch_size, count)
-  if repeat_each < 1 or per_host % repeat_each:
-    raise ValueError(f'per-host batch {per_host} (global batch_size={batch_size} / '
-                     f'process_count={count}) must be divisible by repeat_each={repeat_each}')
-  if len(records) == 0:  # pylint: disable=g-explicit-length-test  (sources may lack __bool__)
-    raise ValueError('prompt set is empty')
   tok = tokenizer if tokenizer is not None else tokenizer_lib.build_digits_tokenizer()
-  ds = _shuffled_host_stream(_PromptSource(records), seed=seed, shuffle=shuffle,
-                             num_epochs=num_epochs, process_index=index, process_count=count)
-  ds = ds.batch(per_host // repeat_each, drop_remainder=True,
-                batch_fn=_CollatePrompts(tok, max_len, repeat_each))
-  return ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
+  return _grouped_batches(_PromptSource(records), _CollatePrompts(tok, max_len, repeat_each),
+                          batch_size, seed=seed, repeat_each=repeat_each,
+                          process_index=process_index, process_count=process_count,
+                          shuffle=shuffle, num_epochs=num_epochs, read_options=read_options)
 
 
 def prompt_iter(records: Sequence[Any], batch_size: int, *, seed: int,
@@ -250,7 +261,6 @@ def prompt_iter(records: Sequence[Any], batch_size: int, *, seed: int,
       records, batch_size, seed=seed, tokenizer=tokenizer, max_len=max_len,
       repeat_each=repeat_each, process_index=process_index, process_count=process_count,
       shuffle=shuffle, num_epochs=num_epochs, read_options=read_options))
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,15 +309,7 @@ def encoded_prompt_iter(encoded: Any, batch_size: int, *, seed: int, repeat_each
   with each prompt repeated `repeat_each` times adjacently, plus 'ids' and 'prompts'. The
   iterator's state (grain) is checkpointed by the loop, so a resume draws the same prompts.
   """
-  index, count = _host_layout(process_index, process_count)
-  per_host = _per_host_batch(batch_size, count)
-  if repeat_each < 1 or per_host % repeat_each:
-    raise ValueError(f'per-host batch {per_host} (global batch_size={batch_size} / '
-                     f'process_count={count}) must be divisible by repeat_each={repeat_each}')
-  if len(encoded) == 0:  # pylint: disable=g-explicit-length-test
-    raise ValueError('the encoded prompt set is empty')
-  ds = _shuffled_host_stream(_IndexSource(len(encoded)), seed=seed, shuffle=shuffle,
-                             num_epochs=num_epochs, process_index=index, process_count=count)
-  ds = ds.batch(per_host // repeat_each, drop_remainder=True,
-                batch_fn=_CollateEncoded(encoded, repeat_each))
-  return iter(ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS))
+  return iter(_grouped_batches(
+      _IndexSource(len(encoded)), _CollateEncoded(encoded, repeat_each), batch_size, seed=seed,
+      repeat_each=repeat_each, process_index=process_index, process_count=process_count,
+      shuffle=shuffle, num_epochs=num_epochs, read_options=read_options))

@@ -48,8 +48,8 @@ def _vlm_yes(name: str, path: str, mode: str = 'pointwise', normalization: str =
   directory or a prompt file, `prompt_table`) against its prompts; either table is encoded once
   and indexed by batch[prompt_index] ('labels' for the digits, 'ids' for a prompt set's
   batches); '' reads batch['vlm_ids'/'vlm_pos']. dtype: the VLM's compute dtype (e.g.
-  'bfloat16'; default: as saved). placement: (mesh, rules) from `build_rewards`. ref_images: a samples npz of one reference image
-  per label for the pairwise mode (else batch['ref_pixels']). native_size: see
+  'bfloat16'; default: as saved). placement: (mesh, rules) from `build_rewards`. ref_images: a
+  samples npz of one reference image per label for the pairwise mode (else batch['ref_pixels']). native_size: see
   `vlm_yes.vlm_yes_reward`.
   """
   from rewarddance_jax.data import samples  # pylint: disable=import-outside-toplevel

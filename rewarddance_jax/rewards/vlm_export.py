@@ -77,6 +77,13 @@ def _answer_words(tok, words, directory):
   return kept
 
 
+def _graphdef(cfg):
+  """The InternVL graphdef of `cfg`, without allocating params."""
+  with nnx.use_eager_sharding(False):
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0))))
+  return graphdef
+
+
 def place_params(cfg, params, placement):
   """`params` of an InternVL put on the mesh in the shardings its logical names and the rules
   give (`placement` = (mesh, rules)); unchanged when placement is None."""
@@ -112,8 +119,7 @@ def load_pretrained_parts(directory: str, placement=None, **overrides):
                 image_end=end, yes=_answer_words(tok, PRETRAINED_ANSWERS['yes'], directory),
                 no=_answer_words(tok, PRETRAINED_ANSWERS['no'], directory))
   prompters = {mode: vlm_yes.Prompter(mode=mode, **common) for mode in vlm_yes.MODES}
-  with nnx.use_eager_sharding(False):
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0))))
+  graphdef = _graphdef(cfg)
   return graphdef, place_params(cfg, params, placement), cfg, tok, prompters, tile_spec
 
 
@@ -144,8 +150,7 @@ def load_vlm_parts(directory: str, placement=None, **overrides):
   prompters = {mode: vlm_yes.Prompter(tokenizer=tok, mode=mode, image_token_id=cfg.image_token_id,
                                       tokens_per_image=n_tiles * cfg.tokens_per_tile, **p)
                for mode, p in meta['prompters'].items()}
-  with nnx.use_eager_sharding(False):
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0))))
+  graphdef = _graphdef(cfg)
   params = _unflatten(load_file(os.path.join(directory, PARAMS_FILE)))
   return graphdef, place_params(cfg, params, placement), cfg, tok, prompters, tile_spec
 

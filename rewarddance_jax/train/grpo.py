@@ -41,8 +41,10 @@ from rewarddance_jax.train import common, generate, grpo_step, optim
 IMAGE_SHAPE = (16, 16, 1)
 
 
-def decode_unit(x0: jax.Array) -> jax.Array:
-  """The digits' identity "VAE": model space [−1, 1] → pixels [0, 1] (differentiable inside)."""
+def decode_unit(x0: jax.Array, params=None) -> jax.Array:
+  """The digits' identity "VAE": model space [−1, 1] → pixels [0, 1] (differentiable inside).
+  `params` is the decoder-params slot of the decode protocol (`vae_decoder`); it has none."""
+  del params
   return jnp.clip((x0 + 1.0) * 0.5, 0.0, 1.0)
 
 
@@ -122,13 +124,11 @@ def prompt_data(config, tok, batch_size: int, repeat_each: int, mesh, rules):
 def fm_table(config, records) -> np.ndarray:
   """(10, T, 16, 16, 1): the real training digits of each label, for `grpo.fm_weight` (the
   flow-matching term on real images). Every prompt must name a digit."""
-  for rec in records:
-    text = rec.prompt if hasattr(rec, 'prompt') else str(rec)
-    try:
-      digits.label_from_prompt(text)
-    except ValueError:
+  texts = [getattr(rec, 'prompt', rec) for rec in records]
+  for text, label in zip(texts, prompt_labels(texts)):
+    if label < 0:
       raise ValueError(f'grpo.fm_weight > 0 trains on real digits and needs digit prompts; '
-                       f'{text!r} names no digit.') from None
+                       f'{text!r} names no digit.')
   split = digits.load_split('train', int(config.seed))
   return label_table.build_table(split['images'], split['labels'], 10)
 

@@ -257,9 +257,9 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
     gcfg: static GRPO settings.
     image_shape: latent shape of one sample (H, W, C).
     reward_names / reward_weights: of the WeightedRewards passed in consts (static).
-    decode: latents x̂0 → pixels in [0, 1]: decode(x̂0) (the digits' identity-to-unit), or
-      decode(x̂0, consts['decoder']) when consts holds the decoder's params (the VAE: a const,
-      not a closure, so its weights are a sharded input rather than constants in the program).
+    decode: (latents x̂0, decoder params) → pixels in [0, 1]; the params are consts['decoder']
+      (the VAE's: a const, not a closure, so its weights are a sharded input rather than
+      constants in the program) or None (the digits' identity-to-unit, `grpo.decode_unit`).
     image_seq_len: for the 'flux_dynamic' schedule.
     model_params: (trainable tree, consts) → generator params. Default: from `gcfg.lora`, the
       identity for full fine-tuning, merge(consts['base'], LoRA) for a LoRA (gradients and
@@ -304,8 +304,7 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
             'x0_hat': traj.x0_hat}
 
   def score(rewards, ro, batch, key, decoder=None):
-    pixels = decode(ro['x0_hat']) if decoder is None else decode(ro['x0_hat'], decoder)
-    samples = {'latents': ro['x0_hat'], 'pixels': pixels}
+    samples = {'latents': ro['x0_hat'], 'pixels': decode(ro['x0_hat'], decoder)}
     reward_batch = {k: v for k, v in batch.items() if not isinstance(v, str)}
     return rewards.per_reward(samples, reward_batch, key)
 

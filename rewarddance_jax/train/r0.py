@@ -19,8 +19,8 @@
         digits x̂0 space is pixel space up to the affine decode), the surrogate −⟨d, x̂0⟩ plus
         λ·‖θ − θ0‖² (`rl.r0`); with `reward_cap` τ > 0 the maximised reward is min(R, τ);
      d. AdamW, optional EMA; a non-finite loss or gradient leaves the state unchanged.
-  4. Hook every `config.samples.every` steps (digits only): ODE samples (set `config.sampler` to the K-step grid:
-     DDIM with η = 0 is the Euler step), the judge's accuracy and the configured reward.
+  4. Hook every `config.samples.every` steps (digits only): ODE samples (set `config.sampler` to
+     the K-step grid: DDIM with η = 0 is the Euler step), the judge's accuracy and the reward.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def make_r0_step(graphdef, tx: optax.GradientTransformation, rcfg: R0Config,
   """The pure R0 step `(state, batch, key, consts) -> (state, metrics)` (module docstring).
 
   consts = {'rewards': WeightedRewards (differentiable), 'init': θ0, and optionally 'decoder':
-  the params of `decode` (the VAE: decode(x̂0, params)), else decode(x̂0)}.
+  the params of `decode(x̂0, params)` (the VAE's; absent: None, the digits' identity decode)}.
   """
   sigmas_np = rcfg.sigmas(image_seq_len)
   k_steps = rcfg.num_steps
@@ -112,13 +112,12 @@ def make_r0_step(graphdef, tx: optax.GradientTransformation, rcfg: R0Config,
   def loss_fn(params, x_init, eta, xi, cond, rbatch, k_star, key, consts):
     rewards = consts['rewards']
     decoder = consts.get('decoder')
-    pixels = (lambda x: decode(x)) if decoder is None else (lambda x: decode(x, decoder))  # pylint: disable=unnecessary-lambda
     x0 = generate_x0(params, x_init, eta, xi, cond, k_star)
     fns = {}
     for i, reward in enumerate(rewards.rewards):
       sub = jax.random.fold_in(key, i)
-      fns[reward.name] = (lambda x, r=reward, s=sub: r({'latents': x, 'pixels': pixels(x)},
-                                                       rbatch, s))
+      fns[reward.name] = (lambda x, r=reward, s=sub: r(
+          {'latents': x, 'pixels': decode(x, decoder)}, rbatch, s))
     direction, per = r0_lib.normalized_direction(fns, rewards.weights, x0, eps=rcfg.norm_eps,
                                                  cap=rcfg.reward_cap or None)
     surrogate = r0_lib.surrogate_loss(x0, direction)
