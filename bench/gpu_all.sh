@@ -26,6 +26,10 @@ for part in ${@:-matmul jfwd pfwd jtrain ptrain jgrpo pgrpo}; do
     ptrain) run 240 python3 "$PEER" flux-bench --compile --no-cudnn-sdp ;;
     ptraineager) run 120 python3 "$PEER" flux-bench --no-cudnn-sdp ;;
     jgrpo)  run 300 python3 bench/flux_jax.py grpo flux-bench --prompts=1 --group=12 --steps=16 --minibatches=3 ;;
+    prof)   run 300 python3 bench/profile_forward.py flux-dev --batch=1 --dump="$OUT/hlo.txt" ;;
+    profnomerge) XLA_FLAGS=--xla_disable_hlo_passes=dot-merger run 300 python3 bench/profile_forward.py flux-dev --batch=1 ;;
+    profnotriton) XLA_FLAGS=--xla_gpu_enable_triton_gemm=false run 300 python3 bench/profile_forward.py flux-dev --batch=1 ;;
+    gemms)  run 120 python3 bench/profile_forward.py --gemms ;;
     pgrpo)  run 240 python3 bench/peer_torch_grpo.py --prompts=1 --group=12 --steps=16 --ga=4 --iters=2 ;;
   esac
 done

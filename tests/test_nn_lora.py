@@ -93,10 +93,12 @@ def test_scanned_mmdit_tree():
                             key=jax.random.key(2))
   blocks = lora['transformer']
   assert set(blocks) == {'double_blocks', 'single_blocks'}
-  assert blocks['double_blocks']['img_attn']['q']['kernel']['a'].shape == (2, 32, 4)
+  assert blocks['double_blocks']['img_attn']['qkv']['kernel']['a'].shape == (2, 32, 4)
+  assert blocks['double_blocks']['img_attn']['qkv']['kernel']['b'].shape == (2, 4, 3 * 32)
   assert blocks['double_blocks']['txt_out']['kernel']['b'].shape == (2, 4, 32)
   assert set(blocks['single_blocks']) == {'attn', 'attn_out'}       # not mlp_in / mlp_out
-  assert lora_lib.count_params(lora) == 2 * 8 * 4 * 64 + 2 * 4 * 4 * 64
+  # Per layer: double = 2 streams × (qkv 4·(32 + 96) + out 4·(32 + 32)), single = qkv + out.
+  assert lora_lib.count_params(lora) == 2 * 2 * 4 * (128 + 64) + 2 * 4 * (128 + 64)
   x = _normal((2, 16, 16, 1), 99)
   cond = {'tokens': jnp.arange(12).reshape(2, 6) % 40, 'mask': jnp.ones((2, 6), bool)}
   run = jax.jit(lambda p, lo: nnx.merge(graphdef, lora_lib.merge(p, lo, 2.0))(x, 0.4, cond))
@@ -104,14 +106,14 @@ def test_scanned_mmdit_tree():
   base = run(params, zeros)
   np.testing.assert_array_equal(run(params, lora), base)
   lora = _randomise_b(lora, 40)
-  # Hand-merge layer 1's image q kernel only: the output must move, and match the tree merge.
+  # Hand-merge layer 1's image qkv kernel only: the output must move, and match the tree merge.
   one = jax.tree.map(jnp.zeros_like, lora)
-  one['transformer']['double_blocks']['img_attn']['q']['kernel'] = lora['transformer'][
-      'double_blocks']['img_attn']['q']['kernel']
-  ab = one['transformer']['double_blocks']['img_attn']['q']['kernel']
+  one['transformer']['double_blocks']['img_attn']['qkv']['kernel'] = lora['transformer'][
+      'double_blocks']['img_attn']['qkv']['kernel']
+  ab = one['transformer']['double_blocks']['img_attn']['qkv']['kernel']
   hand = jax.tree.map(lambda v: v, params)
-  hand['transformer']['double_blocks']['img_attn']['q']['kernel'] = (
-      params['transformer']['double_blocks']['img_attn']['q']['kernel']
+  hand['transformer']['double_blocks']['img_attn']['qkv']['kernel'] = (
+      params['transformer']['double_blocks']['img_attn']['qkv']['kernel']
       + 2.0 * jnp.einsum('lir,lro->lio', ab['a'], ab['b']))
   out = run(params, one)
   np.testing.assert_allclose(out, run(hand, zeros), rtol=1e-5, atol=1e-5)
@@ -129,18 +131,18 @@ def test_shardings_follow_the_base_kernel_and_errors():
   lora = jax.eval_shape(lambda: lora_lib.init_lora(
       params, rank=4, alpha=4, targets=lora_lib.ATTENTION_TARGETS, key=jax.random.key(0)))
   lshard = lora_lib.lora_shardings(lora, shardings)
-  q = lshard['transformer']['double_blocks']['img_attn']['q']['kernel']
+  q = lshard['transformer']['double_blocks']['img_attn']['qkv']['kernel']
   assert q['a'].spec == P(None, 'fsdp', None) and q['b'].spec == P(None, None, 'tensor')
   out = lshard['transformer']['double_blocks']['img_out']['kernel']
   assert out['a'].spec == P(None, 'tensor', None) and out['b'].spec == P(None, None, 'fsdp')
   real = jax.jit(lambda: lora_lib.init_lora(params, rank=4, alpha=4,
                                             targets=lora_lib.ATTENTION_TARGETS,
                                             key=jax.random.key(0)), out_shardings=lshard)()
-  assert real['transformer']['double_blocks']['img_attn']['q']['kernel']['a'].sharding == q['a']
+  assert real['transformer']['double_blocks']['img_attn']['qkv']['kernel']['a'].sharding == q['a']
   names = lora_lib.lora_logical_names(lora, sharding_lib.param_logical_names(state))
-  assert names[('transformer', 'double_blocks', 'img_attn', 'q', 'kernel', 'a')] == (
+  assert names[('transformer', 'double_blocks', 'img_attn', 'qkv', 'kernel', 'a')] == (
       'layers', 'embed', 'lora_rank')
-  assert names[('transformer', 'double_blocks', 'img_attn', 'q', 'kernel', 'b')] == (
+  assert names[('transformer', 'double_blocks', 'img_attn', 'qkv', 'kernel', 'b')] == (
       'layers', 'lora_rank', 'heads')
   assert all(isinstance(s, NamedSharding) for s in jax.tree.leaves(lshard))
   with pytest.raises(ValueError, match='nothing_here'):

@@ -134,7 +134,7 @@ def test_backbone_matches_generator_and_shares_its_arrays():
   sub = bb.take(params)
   assert 'final_out' not in sub['transformer']
   for path in (('transformer', 'img_in', 'kernel'), ('text_encoder', 'embed', 'embedding'),
-               ('transformer', 'double_blocks', 1, 'img_attn', 'q', 'kernel')):
+               ('transformer', 'double_blocks', 1, 'img_attn', 'qkv', 'kernel')):
     a, b = sub, params
     for k in path:
       a, b = a[k], b[k]
@@ -144,7 +144,7 @@ def test_backbone_matches_generator_and_shares_its_arrays():
   bb_s = backbone_lib.Backbone(cfg_s, num_blocks=2, layers=(1, 2))
   assert jax.tree.leaves(bb_s.take(params_s)['transformer']['double_blocks'])[0].shape[0] == 2
   lora_s = jax.eval_shape(bb_s.init_lora, params_s, jax.random.key(3))
-  assert lora_s['transformer']['double_blocks']['img_attn']['q']['kernel']['a'].shape == (2, 32, 8)
+  assert lora_s['transformer']['double_blocks']['img_attn']['qkv']['kernel']['a'].shape == (2, 32, 8)
   shapes = jax.eval_shape(lambda p, l: bb_s(p, l, x, sigma, cond), params_s, lora_s)
   assert [f.shape for f in shapes['img']] == [(2, 16, 32)] * 2
   with pytest.raises(ValueError, match='layers'):

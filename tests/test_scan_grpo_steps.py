@@ -105,4 +105,8 @@ def test_rollout_and_update_steps_compile_with_lora():
   assert by_step['grpo_rollout']['resident_gib'] * scan.GIB == pytest.approx(resident)
   assert by_step['grpo_update']['resident_gib'] * scan.GIB == pytest.approx(
       abstract_grpo.per_chip_bytes(rewards))
-  np.testing.assert_array_less(0.0, [r['temp_gib'] for r in rows])
+  # Memory analysis read back: every row's total exceeds its arguments (outputs, program); the
+  # tiny update step may keep all its temporaries on chip (libtpu reports temp 0 for it).
+  for r in rows:
+    assert r['temp_gib'] >= 0 and r['total_gib'] > r['argument_gib'], r
+  assert by_step['grpo_rollout']['temp_gib'] > 0

@@ -122,7 +122,7 @@ def test_lora_trains_only_the_lora_and_raises_the_reward():
   state, run = _setup(cfg, jax.devices()[:1])
   base0 = jax.device_get(run.consts['base'])
   lora0 = jax.device_get(state['params'])
-  q = lora0['transformer']['double_blocks'][0]['img_attn']['q']['kernel']
+  q = lora0['transformer']['double_blocks'][0]['img_attn']['qkv']['kernel']
   assert set(q) == {'a', 'b'} and not np.any(q['b'])   # a fresh LoRA: b = 0
   n_lora = sum(int(np.size(x)) for x in jax.tree.leaves(lora0))
   n_opt = sum(int(np.size(x)) for x in jax.tree.leaves(state['opt_state']))

@@ -27,7 +27,7 @@ def _config():
   # The PAVRM on one double block: the smallest step that still runs backbone + LoRA + head.
   c = reward_process.get_config('runlocal')
   c.reward.num_blocks, c.reward.layers = 1, (1,)
-  c.reward.lora_targets = r'.*img_attn/(q|v)/kernel'
+  c.reward.lora_targets = r'.*img_attn/qkv/kernel'
   c.optax.eps = 1e-3          # see tests/test_train_flow.py: keeps Adam's first step off sign noise
   c.optax.warmup_steps = 0
   c.mesh.num_devices = 1
@@ -80,7 +80,7 @@ def test_sharded_step_equals_single_device_and_only_lora_and_head_train():
   n_opt = sum(int(np.size(x)) for x in jax.tree.leaves(live['opt_state']))
   n_train = sum(int(np.size(x)) for x in jax.tree.leaves(live['params']))
   assert 2 * n_train <= n_opt <= 2 * n_train + 16
-  q = live['params']['lora']['transformer']['double_blocks'][0]['img_attn']['q']['kernel']
+  q = live['params']['lora']['transformer']['double_blocks'][0]['img_attn']['qkv']['kernel']
   assert q['a'].sharding.spec == jax.sharding.PartitionSpec('fsdp', None)   # follows the base
   assert q['b'].sharding.spec == jax.sharding.PartitionSpec(None, 'tensor')
   assert 'single_blocks' not in live['base']['transformer']          # cut to the first block

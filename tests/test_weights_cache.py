@@ -56,9 +56,9 @@ def test_cache_and_launch_convert(tmp_path, monkeypatch):
   graphdef, params, hit = cache.load_cached(spec, mesh8, DEFAULT_RULES, cache_dir)
   assert hit
   # Scanned: the two double blocks are stacked along a leading layer axis.
-  q = params['transformer']['double_blocks']['img_attn']['q']['kernel']
+  q = params['transformer']['double_blocks']['img_attn']['qkv']['kernel']
   np.testing.assert_array_equal(
-      q[1], expected['transformer']['double_blocks'][1]['img_attn']['q']['kernel'])
+      q[1], expected['transformer']['double_blocks'][1]['img_attn']['qkv']['kernel'])
   assert q.sharding.mesh.shape == mesh8.shape and q.sharding.spec[1:] == ('fsdp', 'tensor')
   assert nnx.merge(graphdef, params).cfg.mmdit.scan_layers
   # Another layout (param dtype) is another entry: converting it must read the source.

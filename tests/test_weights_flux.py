@@ -103,9 +103,14 @@ def test_flux_matches_diffusers(tiny_dirs, guidance, scan, mesh_shape):
   graphdef, params, cfg = flux.load(path, mesh, DEFAULT_RULES, scan_layers=scan)
   assert cfg.mmdit.guidance_embed == guidance and cfg.mmdit.scan_layers == scan
   if scan:
-    kernel = params['transformer']['double_blocks']['img_attn']['q']['kernel']
-    assert kernel.shape == (2, 48, 48)
+    kernel = params['transformer']['double_blocks']['img_attn']['qkv']['kernel']
+    assert kernel.shape == (2, 48, 3 * 48)
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor')
+    # q/k/v columns interleave per head (3 heads of 16): head h's k is columns 48h+16 .. 48h+32.
+    src = load_file(os.path.join(path, 'diffusion_pytorch_model.safetensors'))
+    for h in range(3):
+      np.testing.assert_array_equal(np.asarray(kernel[1])[:, 48 * h + 16:48 * h + 32],
+                                    src['transformer_blocks.1.attn.to_k.weight'][16 * h:16 * h + 16].T)
   inp = _inputs()
   ref = _diffusers_forward(diffusers.FluxTransformer2DModel.from_pretrained(path), inp, guidance)
   ours = _ours_forward(graphdef, params, mesh, inp, guidance)
@@ -184,3 +189,25 @@ def test_flux_dev_param_count_matches_diffusers():
   # The config read from a flux-dev config.json builds the same model as the preset.
   dev_json = {'_class_name': 'FluxTransformer2DModel', 'guidance_embeds': True}
   assert flux.generator_config(dev_json, scan_layers=True).mmdit == cfg.mmdit
+
+
+def test_fused_target_parts_plan_and_read_back():
+  """dst_part: three (4, 6) sources fill one (4, 18) kernel interleaved per head (2 heads of 3);
+  a missing or repeated part is named; `read` returns each source's part."""
+  from rewarddance_jax.weights.keymap import IDENTITY, Rule, check_plan  # noqa: PLC0415
+  view = (4, 2, 3, 3)
+  rules = [Rule(f's{i}', ('qkv',), IDENTITY, dst_part=(view, 2, i)) for i in range(3)]
+  srcs = {f's{i}': np.arange(24.0).reshape(4, 6) + 100 * i for i in range(3)}
+  check_plan(rules, {k: v.shape for k, v in srcs.items()}, {('qkv',): (4, 18)})
+  buf = np.full((4, 18), np.nan)
+  for r in rules:
+    r.write(buf, srcs[r.src])
+  assert not np.isnan(buf).any()
+  np.testing.assert_array_equal(buf[:, 3:6], srcs['s1'][:, :3])      # head 0: q, k, v
+  np.testing.assert_array_equal(buf[:, 9:12], srcs['s0'][:, 3:])     # head 1's q
+  for r in rules:
+    np.testing.assert_array_equal(r.read(buf), srcs[r.src])
+  with pytest.raises(WeightsMismatchError, match=r'qkv: parts \[0, 2\] do not fill axis 2'):
+    check_plan(rules[::2], {'s0': (4, 6), 's2': (4, 6)}, {('qkv',): (4, 18)})
+  with pytest.raises(WeightsMismatchError, match='gives'):
+    check_plan(rules, {'s0': (4, 6), 's1': (4, 5), 's2': (4, 6)}, {('qkv',): (4, 18)})

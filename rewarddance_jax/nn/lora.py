@@ -40,9 +40,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 # Attention projections of the MMDiT blocks (both streams' q/k/v and output projections), the
 # DiNa-LRM target set (to_q, to_k, to_v, to_out.0, add_{q,k,v}_proj, to_add_out in diffusers).
-ATTENTION_TARGETS = r'.*blocks/.*((img_attn|txt_attn|attn)/(q|k|v)|img_out|txt_out|attn_out)/kernel'
+# FLUX blocks keep q/k/v fused in one `qkv` kernel (one LoRA over the three, as on BFL's fused
+# checkpoints); SD3 blocks keep them apart.
+ATTENTION_TARGETS = (r'.*blocks/.*((img_attn|txt_attn|attn)/(q|k|v|qkv)|img_out|txt_out|attn_out)'
+                     r'/kernel')
 # The attention projections and the MLPs of the MMDiT blocks (every block kernel but adaLN).
-BLOCK_TARGETS = (r'.*blocks/.*((img_attn|txt_attn|attn)/(q|k|v)|img_out|txt_out|attn_out'
+BLOCK_TARGETS = (r'.*blocks/.*((img_attn|txt_attn|attn)/(q|k|v|qkv)|img_out|txt_out|attn_out'
                  r'|mlp/fc1|mlp/fc2|mlp_in|mlp_out)/kernel')
 
 LORA_KEYS = ('a', 'b')

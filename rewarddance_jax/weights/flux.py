@@ -6,6 +6,8 @@ Layout facts (diffusers 0.42 `transformer_flux.py`):
      inputs are σ and g, multiplied by 1000 inside, our Generator passes 1000·σ.
   2. Double block: norm1/norm1_context.linear → img_mod/txt_mod (shift, scale, gate ×2);
      attn.to_{q,k,v}/norm_{q,k} → img_attn, attn.add_{q,k,v}_proj/norm_added_{q,k} → txt_attn;
+     our q/k/v live in one `qkv` kernel, columns interleaved per head (head h: q_h, k_h, v_h), so
+     one GEMM projects all three and a tensor split over heads keeps each head's q, k, v local;
      attn.to_out.0 → img_out, attn.to_add_out → txt_out; ff/ff_context.net.{0.proj,2} → *_mlp.
   3. Single block: proj_out acts on concat(attn, mlp): its weight columns [:D] are our attn_out,
      [D:] our mlp_out (which also takes the bias).
@@ -39,18 +41,24 @@ def _linear(src: str, dst: tuple, bias: bool = True) -> list[tuple]:
   return rows
 
 
-def _attn(src_q: str, src_k: str, src_v: str, src_qn: str, src_kn: str, dst: tuple) -> list:
-  return (_linear(src_q, dst + ('q',)) + _linear(src_k, dst + ('k',)) + _linear(src_v, dst + ('v',))
-          + [(f'{src_qn}.weight', dst + ('q_norm', 'scale'), IDENTITY),
-             (f'{src_kn}.weight', dst + ('k_norm', 'scale'), IDENTITY)])
+def _attn(cfg: MMDiTConfig, src_q: str, src_k: str, src_v: str, src_qn: str, src_kn: str,
+          dst: tuple) -> list:
+  # to_q, to_k, to_v → one qkv kernel whose columns are interleaved per head: (D, H, 3, hd).
+  view = (cfg.hidden, cfg.num_heads, 3, cfg.head_dim)
+  rows = []
+  for i, src in enumerate((src_q, src_k, src_v)):
+    rows += [(f'{src}.weight', dst + ('qkv', 'kernel'), LINEAR, None, (view, 2, i)),
+             (f'{src}.bias', dst + ('qkv', 'bias'), IDENTITY, None, (view[1:], 1, i))]
+  return rows + [(f'{src_qn}.weight', dst + ('q_norm', 'scale'), IDENTITY),
+                 (f'{src_kn}.weight', dst + ('k_norm', 'scale'), IDENTITY)]
 
 
-def double_block_table() -> list[tuple]:
+def double_block_table(cfg: MMDiTConfig) -> list[tuple]:
   return (_linear('norm1.linear', ('img_mod', 'lin'))
           + _linear('norm1_context.linear', ('txt_mod', 'lin'))
-          + _attn('attn.to_q', 'attn.to_k', 'attn.to_v', 'attn.norm_q', 'attn.norm_k',
+          + _attn(cfg, 'attn.to_q', 'attn.to_k', 'attn.to_v', 'attn.norm_q', 'attn.norm_k',
                   ('img_attn',))
-          + _attn('attn.add_q_proj', 'attn.add_k_proj', 'attn.add_v_proj', 'attn.norm_added_q',
+          + _attn(cfg, 'attn.add_q_proj', 'attn.add_k_proj', 'attn.add_v_proj', 'attn.norm_added_q',
                   'attn.norm_added_k', ('txt_attn',))
           + _linear('attn.to_out.0', ('img_out',)) + _linear('attn.to_add_out', ('txt_out',))
           + _linear('ff.net.0.proj', ('img_mlp', 'fc1')) + _linear('ff.net.2', ('img_mlp', 'fc2'))
@@ -61,7 +69,8 @@ def double_block_table() -> list[tuple]:
 def single_block_table(cfg: MMDiTConfig) -> list[tuple]:
   d, h = cfg.hidden, int(cfg.hidden * cfg.mlp_ratio)
   return (_linear('norm.linear', ('mod', 'lin'))
-          + _attn('attn.to_q', 'attn.to_k', 'attn.to_v', 'attn.norm_q', 'attn.norm_k', ('attn',))
+          + _attn(cfg, 'attn.to_q', 'attn.to_k', 'attn.to_v', 'attn.norm_q', 'attn.norm_k',
+                  ('attn',))
           + _linear('proj_mlp', ('mlp_in',))
           + [('proj_out.weight', ('attn_out', 'kernel'), LINEAR, (1, 0, d)),
              ('proj_out.weight', ('mlp_out', 'kernel'), LINEAR, (1, d, d + h)),
@@ -83,7 +92,7 @@ def rules(cfg: MMDiTConfig, prefix: tuple = ('transformer',)) -> list[Rule]:
             + _linear('time_text_embed.guidance_embedder.linear_2', ('guidance_in', 'out_layer')))
   out = [Rule(src, tuple(prefix) + dst, tf) for src, dst, tf in top]
   out += expand_blocks(cfg.depth_double, 'transformer_blocks', tuple(prefix) + ('double_blocks',),
-                       double_block_table(), cfg.scan_layers)
+                       double_block_table(cfg), cfg.scan_layers)
   out += expand_blocks(cfg.depth_single, 'single_transformer_blocks',
                        tuple(prefix) + ('single_blocks',), single_block_table(cfg), cfg.scan_layers)
   return out

@@ -11,6 +11,11 @@ one target param (or one layer of a stacked, scanned param):
   2. `tf` is one of a short list of invertible transforms (PyTorch [out, in] → [in, out], conv
      OIHW → HWIO, ...), each with its shape map, so a plan is checked from headers alone.
   3. `layer=i` writes the i-th slice of a stacked target (scanned layers, leading layer axis).
+  4. `dst_part=(view, axis, index)` writes one of several source tensors into a target that we
+     keep fused along its last axis: the target (or its layer) seen as `reshape(view)` receives
+     the transformed tensor, of the target's shape with the last axis split by the parts, at
+     `index` along `axis` (FLUX's to_q, to_k, to_v → one qkv kernel interleaved per head: view
+     (D, H, 3, head_dim), axis 2, index 0/1/2). Every index of the axis must be filled once.
 `check_plan` validates a map against the source header and the target's abstract tree and raises
 ONE `WeightsMismatchError` listing every unmapped, missing, mis-shaped or unfilled key.
 """
@@ -58,6 +63,27 @@ class Rule:
   tf: Transform = IDENTITY
   layer: int | None = None
   src_part: tuple[int, int, int] | None = None   # (axis, start, stop) of the source tensor
+  dst_part: tuple[tuple, int, int] | None = None  # (view shape, axis, index) of the target
+
+  def part_shape(self, target: Sequence[int]) -> tuple:
+    """The shape this rule writes: the target's (layer's) shape, its last axis split by the parts."""
+    target = tuple(target)
+    if self.dst_part is None:
+      return target
+    view, axis, _ = self.dst_part
+    return target[:-1] + (target[-1] // view[axis],)
+
+  def write(self, buf: np.ndarray, y: np.ndarray) -> None:
+    """Writes `y` (shaped `part_shape`) into its part of the host buffer `buf` (target or layer)."""
+    view, axis, index = self.dst_part
+    np.moveaxis(buf.reshape(view), axis, 0)[index] = y.reshape(view[:axis] + view[axis + 1:])
+
+  def read(self, host: np.ndarray) -> np.ndarray:
+    """This rule's part of a whole target or layer (`host`), shaped `part_shape`."""
+    if self.dst_part is None:
+      return host
+    view, axis, index = self.dst_part
+    return np.take(host.reshape(view), index, axis=axis).reshape(self.part_shape(host.shape))
 
   def src_shape_part(self, shape: Sequence[int]) -> tuple:
     shape = tuple(shape)
@@ -102,13 +128,17 @@ def check_plan(rules: Sequence[Rule], src_shapes: Mapping[str, tuple],
   if missing:
     problems.append(f'{len(missing)} missing source key(s): {", ".join(missing)}')
   filled: dict[tuple, int] = {}
+  parts: dict[tuple, list] = {}
   bad_shape, no_target = [], []
   for r in rules:
     if r.dst not in dst_shapes:
       no_target.append(f'{r.src} -> {_dst_str(r)}')
       continue
     key = (r.dst, r.layer)
-    filled[key] = filled.get(key, 0) + 1
+    if r.dst_part is None or key not in parts:
+      filled[key] = filled.get(key, 0) + 1
+    if r.dst_part is not None:
+      parts.setdefault(key, []).append(r.dst_part)
     if r.src not in src_shapes:
       continue
     target = tuple(dst_shapes[r.dst])
@@ -122,8 +152,18 @@ def check_plan(rules: Sequence[Rule], src_shapes: Mapping[str, tuple],
       bad_shape.append(f'{r.src} {src}: part {r.src_part} is out of range')
       continue
     got = r.tf.shape(r.src_shape_part(src))
-    if got != target:
-      bad_shape.append(f'{r.src} {src} -> {_dst_str(r)}: gives {got}, model expects {target}')
+    if r.dst_part is not None and int(np.prod(r.dst_part[0])) != int(np.prod(target)):
+      bad_shape.append(f'{r.src} -> {_dst_str(r)}: view {r.dst_part[0]} does not fit {target}')
+      continue
+    if got != r.part_shape(target):
+      bad_shape.append(f'{r.src} {src} -> {_dst_str(r)}: gives {got}, model expects '
+                       f'{r.part_shape(target)}')
+  for (path, layer), ps in parts.items():
+    view, axis = ps[0][0], ps[0][1]
+    if sorted(p[2] for p in ps) != list(range(view[axis])) or any(
+        (p[0], p[1]) != (view, axis) for p in ps):
+      bad_shape.append(f'{path_str(path)}{"" if layer is None else f"[{layer}]"}: parts '
+                       f'{sorted(p[2] for p in ps)} do not fill axis {axis} of view {view} once')
   if no_target:
     problems.append(f'{len(no_target)} rule(s) name no model param: {", ".join(no_target)}')
   if bad_shape:
@@ -156,7 +196,8 @@ def check_plan(rules: Sequence[Rule], src_shapes: Mapping[str, tuple],
 
 def expand_blocks(n: int, src_prefix: str, dst_prefix: Path, table: Sequence[tuple],
                   scanned: bool) -> list[Rule]:
-  """Rules for `n` identical blocks from a per-block table of (src_suffix, dst_suffix, tf[, part]).
+  """Rules for `n` identical blocks from a per-block table of
+  (src_suffix, dst_suffix, tf[, src_part[, dst_part]]).
 
   Unscanned: block i lives at dst_prefix + (i,) + dst_suffix; scanned: at dst_prefix + dst_suffix
   with layer=i (the stacked leading axis).
@@ -166,9 +207,11 @@ def expand_blocks(n: int, src_prefix: str, dst_prefix: Path, table: Sequence[tup
     for row in table:
       src_suffix, dst_suffix, tf = row[:3]
       part = row[3] if len(row) > 3 else None
+      dst_part = row[4] if len(row) > 4 else None
       src = f'{src_prefix}.{i}.{src_suffix}'
       if scanned:
-        out.append(Rule(src, tuple(dst_prefix) + tuple(dst_suffix), tf, i, part))
+        out.append(Rule(src, tuple(dst_prefix) + tuple(dst_suffix), tf, i, part, dst_part))
       else:
-        out.append(Rule(src, tuple(dst_prefix) + (i,) + tuple(dst_suffix), tf, None, part))
+        out.append(Rule(src, tuple(dst_prefix) + (i,) + tuple(dst_suffix), tf, None, part,
+                        dst_part))
   return out

@@ -130,6 +130,9 @@ def load(source: str, rules: Sequence[Rule], abstract: dict, *, prefer: str | No
   for r in rules:
     wanted.setdefault(r.src, []).append(r)
   out: dict[tuple, jax.Array] = {}
+  # Fused targets filled part by part (`Rule.dst_part`) gather on the host until complete.
+  pending: dict[tuple, list] = {}
+  n_parts = {(r.dst, r.layer): r.dst_part[0][r.dst_part[1]] for r in rules if r.dst_part}
   bar = tqdm(total=len(wanted), desc=f'load {what or source}', unit='tensor', disable=not progress)
   for key, reader, key_rules in st.stream(infos, wanted):
     ndim = len(infos[key].shape)
@@ -137,6 +140,16 @@ def load(source: str, rules: Sequence[Rule], abstract: dict, *, prefer: str | No
       target = flat_abs[r.dst]
       sharding = getattr(target, 'sharding', None)
       y = np.asarray(r.tf.fwd(reader[r.read_index(ndim)]), dtype=target.dtype)
+      if r.dst_part is not None:
+        key_ = (r.dst, r.layer)
+        if key_ not in pending:
+          shape = tuple(target.shape)[0 if r.layer is None else 1:]
+          pending[key_] = [np.empty(shape, target.dtype), 0]
+        r.write(pending[key_][0], y)
+        pending[key_][1] += 1
+        if pending[key_][1] < n_parts[key_]:
+          continue
+        y = pending.pop(key_)[0]
       if r.layer is None:
         out[r.dst] = _place(y, sharding)
         continue
@@ -204,7 +217,7 @@ def export_tensors(params: dict, rules: Sequence[Rule], dtype=np.float32):
           cache.pop(next(iter(cache)))
         cache[r.dst] = np.asarray(jax.device_get(flat[r.dst]), dtype=np.float32)
       host = cache[r.dst] if r.layer is None else cache[r.dst][r.layer]
-      pieces.append((r.src_part, r.tf.inv(host)))
+      pieces.append((r.src_part, r.tf.inv(r.read(host))))
     yield src, np.ascontiguousarray(_assemble(src, pieces)).astype(dtype)
 
 
