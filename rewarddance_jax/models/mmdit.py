@@ -89,9 +89,16 @@ class _Attn(nnx.Module):
   """
 
   def __init__(self, cfg: MMDiTConfig, rngs: nnx.Rngs):
-    d, kw = cfg.hidden, dict(rngs=rngs, dtype=_dt(cfg.dtype), param_dtype=_dt(cfg.param_dtype))
-    self.heads = cfg.num_heads
-    self.qkv = layers.dense(d, 3 * d, ('embed', 'heads'), use_bias=cfg.qkv_bias, **kw)
+    d, h, pd = cfg.hidden, cfg.num_heads, _dt(cfg.param_dtype)
+    self.heads = h
+    # Initialised as three (D, D) projections drawing their keys in the order three separate
+    # Linears would (q kernel, q bias, k kernel, ...): the same initial model as separate q/k/v.
+    keys = [rngs.params() for _ in range(6 if cfg.qkv_bias else 3)][::2 if cfg.qkv_bias else 1]
+    parts = [layers.default_kernel_init(k, (d, d), pd).reshape(d, h, 1, -1) for k in keys]
+    kernel = jnp.concatenate(parts, axis=2).reshape(d, 3 * d)
+    self.qkv = layers.dense(d, 3 * d, ('embed', 'heads'), use_bias=cfg.qkv_bias,
+                            kernel_init=lambda *_: kernel, rngs=nnx.Rngs(0), dtype=_dt(cfg.dtype),
+                            param_dtype=pd)
     self.q_norm = layers.RMSNorm(cfg.head_dim, name='kv')
     self.k_norm = layers.RMSNorm(cfg.head_dim, name='kv')
 
