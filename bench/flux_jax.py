@@ -202,15 +202,20 @@ def bench_matmul(_name, _flags):
   return dict(bench='matmul', n=n, tflops=2 * n**3 / t / 1e12)
 
 
-def main(argv):
+def set_smoke_shape(flags):
+  """CPU smoke runs (--latent=8 --txt=16): smaller latent and text than the benchmark's."""
   global IMG_TOKENS, TXT_TOKENS, LATENT
-  what = argv[1]
-  name = argv[2] if len(argv) > 2 and not argv[2].startswith('--') else 'flux-bench'
-  flags = parse_flags(argv[2:])
-  if 'latent' in flags:  # CPU smoke runs: --latent=8 --txt=16
+  if 'latent' in flags:
     side = int(flags['latent'])
     LATENT, IMG_TOKENS = (side, side, 16), (side // 2) ** 2
     TXT_TOKENS = int(flags.get('txt', TXT_TOKENS))
+
+
+def main(argv):
+  what = argv[1]
+  name = argv[2] if len(argv) > 2 and not argv[2].startswith('--') else 'flux-bench'
+  flags = parse_flags(argv[2:])
+  set_smoke_shape(flags)
   fn = {'forward': bench_forward, 'train': bench_train, 'grpo': bench_grpo,
         'matmul': bench_matmul}[what]
   res = fn(name, flags)

@@ -107,10 +107,7 @@ def gemm_shapes(tokens: int = 1536, d: int = 3072, mlp: int = 12288):
 def main(argv):
   name = argv[1] if len(argv) > 1 and not argv[1].startswith('--') else 'flux-dev'
   flags = flux_jax.parse_flags(argv[1:])
-  if 'latent' in flags:  # CPU smoke runs: --latent=8 --txt=16
-    side = int(flags['latent'])
-    flux_jax.LATENT, flux_jax.IMG_TOKENS = (side, side, 16), (side // 2) ** 2
-    flux_jax.TXT_TOKENS = int(flags.get('txt', flux_jax.TXT_TOKENS))
+  flux_jax.set_smoke_shape(flags)
   res = gemm_shapes() if 'gemms' in flags else profile(name, flags)
   res.update(device=jax.devices()[0].device_kind, jax=jax.__version__)
   print(json.dumps(res), flush=True)

@@ -8,7 +8,8 @@ Import (`load`):
      (`jax.make_array_from_callback`: each device receives only its own shard).
   3. Stacked (scanned) targets start as zeros in their final sharding and receive layer i through
      a jitted, donated `dynamic_update_index_in_dim`, so the host never holds more than one source
-     tensor and the device never holds two copies of a param.
+     tensor (one fused target while its parts arrive, `Rule.dst_part`) and the device never holds
+     two copies of a param.
 Export (`export`) runs the rules backwards: param (layer) → host → inverse transform → source key,
 re-assembling split source tensors, and writes (sharded) safetensors with an index json.
 
@@ -132,7 +133,6 @@ def load(source: str, rules: Sequence[Rule], abstract: dict, *, prefer: str | No
   out: dict[tuple, jax.Array] = {}
   # Fused targets filled part by part (`Rule.dst_part`) gather on the host until complete.
   pending: dict[tuple, list] = {}
-  n_parts = {(r.dst, r.layer): r.dst_part[0][r.dst_part[1]] for r in rules if r.dst_part}
   bar = tqdm(total=len(wanted), desc=f'load {what or source}', unit='tensor', disable=not progress)
   for key, reader, key_rules in st.stream(infos, wanted):
     ndim = len(infos[key].shape)
@@ -147,7 +147,8 @@ def load(source: str, rules: Sequence[Rule], abstract: dict, *, prefer: str | No
           pending[key_] = [np.empty(shape, target.dtype), 0]
         r.write(pending[key_][0], y)
         pending[key_][1] += 1
-        if pending[key_][1] < n_parts[key_]:
+        view, axis, _ = r.dst_part
+        if pending[key_][1] < view[axis]:
           continue
         y = pending.pop(key_)[0]
       if r.layer is None:
