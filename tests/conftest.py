@@ -28,12 +28,23 @@ flags.FLAGS.mark_as_parsed()
 import pytest  # noqa: E402
 
 
-@pytest.fixture
-def fast_compiles():
-  """XLA CPU optimisation passes dominate the compile time of tiny models; skipping them leaves
-  the math unchanged (tests compare with tolerances). Use: pytestmark =
-  pytest.mark.usefixtures('fast_compiles')."""
+@pytest.fixture(autouse=True)
+def fast_compiles(request):
+  """XLA CPU optimisation passes dominate the compile time of tiny models (they halve it, and a
+  cold CI run is mostly compiles); skipping them leaves the math unchanged (tests compare with
+  tolerances or between two runs compiled alike). Tests that compile for TPU (`tpu_aot`: memory
+  and FLOP figures depend on fusion) or need the default pipeline (`xla_optimized`) keep it."""
+  if request.node.get_closest_marker('tpu_aot') or request.node.get_closest_marker('xla_optimized'):
+    yield
+    return
   old = jax.config.read('jax_disable_most_optimizations')
   jax.config.update('jax_disable_most_optimizations', True)
   yield
   jax.config.update('jax_disable_most_optimizations', old)
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  """Tests marked `slow` run first. With `--dist worksteal` (pytest.ini) an idle worker takes
+  tests from the end of the other's queue, so the run then ends on short tests instead of one
+  worker waiting for the other's last long one."""
+  items.sort(key=lambda item: item.get_closest_marker('slow') is None)

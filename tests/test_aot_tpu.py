@@ -50,6 +50,7 @@ def test_topology_mesh_fills_and_checks_shape():
     aot.tpu_topology_mesh(TOPOLOGY, (3, 1, 1))
 
 
+@pytest.mark.slow  # test_scan_sharding.py compiles the same step for v5e:2x2
 def test_flow_train_step_compiles_for_v5e():
   config = flow_config.get_config('runlocal')
   mesh = aot.tpu_topology_mesh(TOPOLOGY, (1, -1, 1))

@@ -1,7 +1,6 @@
 """search_digits: best-of-N and Search over Paths on the digit prompts with a verifier."""
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -10,7 +9,6 @@ from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.flow import rollout as rollout_lib
 from rewarddance_jax.train import common, generate
 
-pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 @pytest.fixture(scope='module')

@@ -21,7 +21,6 @@ from rewarddance_jax.rewards import base, rules
 from rewarddance_jax.rl import timesteps
 from rewarddance_jax.train import common, grpo as grpo_trainer, grpo_step, optim
 
-pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 TWO_ULP = 2.5e-7
 

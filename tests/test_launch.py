@@ -5,17 +5,19 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, timeout=300):
-  # Unoptimised XLA code compiles ~2.5x faster and these runs are a few tiny steps. (Not used
-  # in-process: the samplers' bit-exact log-prob tests are about the optimised code path.)
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') +
-                        ' --xla_backend_optimization_level=0').strip())
+  # Like the in-process tests (conftest.py), the runs compile with most XLA optimisations off,
+  # and share the suite's compile cache: a resumed run compiles what the first one did.
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=str(
+                 jax.config.jax_persistent_cache_min_compile_time_secs))
   return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)
 

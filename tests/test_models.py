@@ -106,6 +106,7 @@ def test_scan_equals_unrolled_and_remat_changes_nothing():
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.slow  # bf16 compute is also exercised by the FLUX parity tests
 def test_bf16_compute_fp32_params_close_to_fp32():
   gd, params = _build()
   gd16, _ = _build(dtype='bfloat16')

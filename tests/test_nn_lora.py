@@ -15,14 +15,6 @@ from rewarddance_jax.parallel import mesh as mesh_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 
 
-@pytest.fixture(autouse=True)
-def _fast_compiles():
-  # The XLA CPU optimisation passes dominate these tests' compile time; the math is unchanged.
-  old = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', old)
-
 
 def _normal(shape, seed, scale=1.0):
   """numpy-drawn values (no eager JAX random ops: nothing to compile)."""

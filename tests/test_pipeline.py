@@ -13,7 +13,6 @@ from rewarddance_jax import evaluate
 from rewarddance_jax.data import samples as samples_lib
 from rewarddance_jax.train import pipeline
 
-pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def _config(seed=0):

@@ -18,14 +18,6 @@ from rewarddance_jax.nn import layers
 from rewarddance_jax.rewards import process, thurstone
 
 
-@pytest.fixture(autouse=True)
-def _fast_compiles():
-  # The XLA CPU optimisation passes dominate these tests' compile time; the math is unchanged.
-  old = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', old)
-
 
 def _random(tree, seed, scale):
   """numpy-drawn values in the shapes of `tree` (no eager JAX ops: nothing to compile)."""

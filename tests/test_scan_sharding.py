@@ -49,7 +49,8 @@ def test_rows_memory_fits_and_order(rows):
   ok = [r for r in rows if r['error'] is None]
   assert {r['layout'] for r in ok} == {'1,-1,1:full:scan'}
   for r in ok:
-    assert r['argument_gib'] > 0 and r['temp_gib'] > 0 and r['total_gib'] > 0
+    # The tiny step may keep all its temporaries on chip: libtpu then reports temp 0.
+    assert r['argument_gib'] > 0 and r['temp_gib'] >= 0 and r['total_gib'] > r['argument_gib']
     assert r['fits'] and r['hbm_gib'] == 16.0 and r['num_devices'] == 4
     assert r['model_flops'] > 0 and r['bytes_accessed'] > 0 and r['flops'] > 0
     assert 0 < r['estimate_ms'] < math.inf

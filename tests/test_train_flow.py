@@ -128,6 +128,7 @@ def test_resume_is_bitwise_identical_and_sigterm_saves(tmp_path, monkeypatch):
   assert _losses(termed)[6] == ref[6]
 
 
+@pytest.mark.slow  # restore onto another mesh is bitwise-tested in test_checkpoint.py
 def test_resume_onto_another_mesh(tmp_path):
   work = str(tmp_path / 'w')
   # 4 devices keep the two compiles cheap; the (2,4,1) -> (1,8,1) restore itself is exercised

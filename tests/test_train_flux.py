@@ -24,7 +24,6 @@ from rewarddance_jax.train import grpo as grpo_trainer, r0 as r0_trainer  # noqa
 from rewarddance_jax.weights import text_pipeline  # noqa: E402
 from test_vlm_parity import _hf_model, _save_tokenizer  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 C, L, TXT, POOLED = 4, 5, 24, 20      # latent channels, T5 tokens, T5 width, CLIP pooled width
 PROMPTS = ['a red fox in the snow', 'a lighthouse at dusk', 'two cups of tea']

@@ -20,7 +20,6 @@ G, B = 4, 8
 # base has no such zeros).
 LORA = dict(rank=4, alpha=8.0, targets=r'.*(blocks/.*|final_out/)kernel')
 
-pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def _config(**overrides):
@@ -172,6 +171,7 @@ def test_trainer_resume_equals_uninterrupted(tmp_path):
   assert key(resumed) == key(straight)
 
 
+@pytest.mark.slow  # the full-parameter resume test covers the loop
 def test_lora_trainer_resume_equals_uninterrupted(tmp_path):
   cfg = _config(total_steps=3)
   cfg.grpo.lora = dict(LORA)
@@ -197,6 +197,7 @@ def test_lora_trainer_resume_equals_uninterrupted(tmp_path):
   assert {p.name for p in step_dir.iterdir()} >= {'params', 'opt_state', 'rl'}
 
 
+@pytest.mark.slow  # two extra GRPO runs
 def test_fm_term_alone_fits_the_real_images_and_pure_grpo_has_none():
   # adv_clip = 0 zeroes every advantage, so the only gradient is fm_weight·L_FM on the table's
   # real images (one fixed image per label): its loss must fall; without fm_weight there is no

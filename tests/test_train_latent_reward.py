@@ -14,14 +14,6 @@ from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.train import common, latent_reward
 
 
-@pytest.fixture(autouse=True)
-def _fast_compiles():
-  # The XLA CPU optimisation passes dominate these tests' compile time; the math is unchanged.
-  old = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', old)
-
 
 def _config():
   # The PAVRM on one double block: the smallest step that still runs backbone + LoRA + head.

@@ -17,7 +17,6 @@ from rewarddance_jax.train import common, optim, prfl as prfl_trainer
 
 B = 8
 
-pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def test_prfl_loss_hand_values_and_gradient():
@@ -90,6 +89,7 @@ def _step_setup(config, ici, devices):
   return state, run
 
 
+@pytest.mark.slow  # flow and GRPO steps are sharding-tested by default
 def test_sharded_step_equals_single_device():
   out = {}
   for name, ici, devices in (('mesh', (2, 2, 2), jax.devices()),

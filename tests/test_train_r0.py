@@ -124,7 +124,7 @@ def test_r0_gradient_through_k_steps_raises_rewards():
   assert np.mean(intensity[-3:]) > np.mean(intensity[:3]) + max(0.05, 3 * noise), intensity
 
 
-@pytest.mark.usefixtures('fast_compiles')
+@pytest.mark.slow  # flow and GRPO steps are sharding-tested by default
 def test_sharded_step_equals_single_device():
   out = {}
   for name, ici, devices in (('mesh', (2, 2, 2), jax.devices()),
@@ -139,7 +139,6 @@ def test_sharded_step_equals_single_device():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p_mesh, p_one)
 
 
-@pytest.mark.usefixtures('fast_compiles')
 def test_trainer_resume_equals_uninterrupted(tmp_path):
   def config(steps):
     c = r0_config.get_config('runlocal')

@@ -96,7 +96,7 @@ def step_setup():
   return _step(_config(), jax.devices()[:1])
 
 
-@pytest.mark.usefixtures('fast_compiles')
+@pytest.mark.slow  # flow and GRPO steps are sharding-tested by default
 def test_sharded_step_equals_single_device():
   out = {}
   for name, ici, devices in (('mesh', (2, 2, 2), jax.devices()),

@@ -19,7 +19,6 @@ from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import vlm_export, vlm_losses, vlm_yes
 from rewarddance_jax.train import common, vlm_lora, vlm_reward
 
-pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 

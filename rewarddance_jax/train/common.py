@@ -40,7 +40,8 @@ def build_generator(config, mesh, rules, seed: int | None = None):
   gen_cfg = generator_config(config.model)
   seed = config.seed if seed is None else seed
   graphdef, (params,), (shardings,) = sharding_lib.sharded_init(
-      lambda: Generator(gen_cfg, rngs=nnx.Rngs(seed)), mesh, rules)
+      lambda: Generator(gen_cfg, rngs=nnx.Rngs(seed)), mesh, rules,
+      cache_key=('generator', gen_cfg, int(seed)))
   return graphdef, params, shardings, gen_cfg
 
 

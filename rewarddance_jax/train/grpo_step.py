@@ -54,7 +54,7 @@ of the rollout) every log-ratio is exactly 0 and every ρ exactly 1; metrics
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 
 from rewarddance_jax import checkpoint as ckpt_lib
@@ -65,9 +66,14 @@ class LoopConfig:
 
 def finite_or_skip(state: dict, new_state: dict, loss: jax.Array, grads: Any) -> tuple[dict,
                                                                                        jax.Array]:
-  """Keeps `state` unchanged when the loss or any gradient is non-finite; returns (state, skipped)."""
-  ok = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g))
-                                               for g in jax.tree.leaves(grads)]))
+  """Keeps `state` unchanged when the loss or any gradient is non-finite; returns (state, skipped).
+
+  One scalar decides: the global gradient norm is finite iff every gradient entry is (it also
+  overflows for a norm above ~1e19, a step worth dropping too). The norm is shared with the
+  `grad_norm` metric and the clip; a per-leaf `all(isfinite)` chain instead gets copied by XLA
+  into every leaf's select fusion (9k scalar ops, +25% compile time on the digits step).
+  """
+  ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
   chosen = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
   return chosen, (~ok).astype(jnp.int32)
 
