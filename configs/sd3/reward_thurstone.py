@@ -2,21 +2,23 @@
 
 Scan its layouts for a TPU pod on a CPU host (docs/scaling.md has the tables):
   python -m launch.scan_sharding --config=configs/sd3/reward_thurstone.py --topology=v5p:4x4x4 \
-      --step=latent_reward --layouts="1,-1,1:full:noscan"
+      --step=latent_reward --layouts="1,-1,1:full:scan"
   python -m launch.scan_sharding --config=configs/sd3/reward_thurstone.py --topology=v6e:8x8 \
       --step=latent_reward
 
   1. Backbone: the SD3.5-medium MMDiT (`models/sd3.py`, family 'sd3': 24 joint blocks, 24 heads ×
      64 = 1536 wide, dual attention in blocks 0-12, RMS q/k norm; 2.47B), cut to its first 12
      blocks (1.22B + embedders) with features after blocks 4, 8, 12 (`models/backbone_sd3.py`),
-     fp32 frozen base, bf16 compute, full remat per block (its blocks differ, so no layer scan).
+     fp32 frozen base, bf16 compute, full remat per block; with `scan` layouts the blocks between
+     recorded layers run as one lax.scan each (three scans of four dual-attention blocks).
   2. LoRA r = 64, α = 128 on every attention projection of those blocks (DRM: to_q/k/v, to_out.0,
      add_{q,k,v}_proj, to_add_out; the dual-attention attn2 projections have the same names),
      plus the Thurstone head (F = W/4, 4 queries, 8 heads); only they train (ALGORITHMS.md §5.2).
   3. Pairs at 1024² (128×128×16 latents, 4096 image tokens) with CLIP-L/G (77) + T5 (128) text
      tokens padded to 256 (4096 + 256 = 4352 = 34·128: the TPU flash-attention kernel applies),
      64 pairs per step (one per chip of a 64-chip slice), AdamW lr 5e-5, wd 0.01, constant (§5.3).
-  4. `config.layouts`: the default layout per topology (unconfirmed placeholder, docs/scaling.md).
+  4. `config.layouts`: the default layout per topology (docs/scaling.md: both compile and fit,
+     16.7 of 95 GiB per v5p chip, 16.5 of 32 GiB per v6e chip; other candidates not scanned yet).
 The trainer (`train/latent_reward.py`) builds MMDiT backbones only: training this config for real
 needs the SD3 base weights wired into its `load_base` (not done; the scanner builds it abstractly).
 """
@@ -28,14 +30,14 @@ from rewarddance_jax.models.backbone_sd3 import SD3_ATTENTION_TARGETS
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES
 
 # Candidate layouts scanned by default (launch.scan_sharding --layouts=default).
-CANDIDATES = ('1,-1,1:full:noscan:latent_reward;2,-1,1:full:noscan:latent_reward;'
-              '1,-1,1:dots:noscan:latent_reward')
+CANDIDATES = ('1,-1,1:full:scan:latent_reward;2,-1,1:full:scan:latent_reward;'
+              '1,-1,1:dots:scan:latent_reward')
 
-# Default layout per topology (docs/scaling.md, "SD3.5-medium DiNa-LRM"). UNCONFIRMED: the v5p-64
-# compile did not finish in 15 min on the shared 2-core host; FSDP over all chips as for FLUX.
+# Default layout per topology (docs/scaling.md, "SD3.5-medium DiNa-LRM"): FSDP over all chips,
+# blocks scanned (the unscanned 12-block program did not compile within 15 min on 2 cores).
 LAYOUTS = {
-    'v5p:4x4x4': '1,-1,1:full:noscan:latent_reward',
-    'v6e:8x8': '1,-1,1:full:noscan:latent_reward',
+    'v5p:4x4x4': '1,-1,1:full:scan:latent_reward',
+    'v6e:8x8': '1,-1,1:full:scan:latent_reward',
 }
 
 
@@ -55,7 +57,8 @@ def get_config(arg=None):
                  num_heads=24, head_dim=64, depth=24, context_dim=4096,
                  caption_projection_dim=1536, pooled_dim=2048, pos_embed_max_size=384,
                  dual_attention_layers=tuple(range(13)), qk_norm=True, mlp_ratio=4.0,
-                 dtype='bfloat16', param_dtype='float32', remat='full', attention='auto')
+                 dtype='bfloat16', param_dtype='float32', remat='full', attention='auto',
+                 scan_layers=True)
   c.reward = dict(
       kind='thurstone', base_workdir='', base_item='params',
       num_blocks=12, layers=(4, 8, 12),

@@ -17,7 +17,10 @@ on it unchanged:
      generator), recording both streams after each block in `layers` (1-based). The token
      streams are pinned to the activation rules (act_batch, act_len, act_embed) after the
      embedders and every block, as `models/mmdit.py` does (`SD3Generator` has no constraints;
-     without them GSPMD replicated the pair batch: 470 GiB of temporaries per v5p chip). Returns
+     without them GSPMD replicated the pair batch: 470 GiB of temporaries per v5p chip). With
+     `scan=True` (config.model.scan_layers) consecutive blocks of one kind between recorded
+     layers run as one `lax.scan` over their stacked params (`runs()`): the same math, a program
+     a few blocks long instead of K. Returns
         {'img': (B, N, W) per layer, 'txt': (B, L, W) per layer, 'temb': (B, W), 'txt_mask': (B, L)}
 The base is a frozen input: gradients go to the LoRA only.
 """
@@ -59,6 +62,7 @@ class SD3Backbone:
   lora_rank: int = 8
   lora_alpha: float = 16.0
   lora_targets: str = SD3_ATTENTION_TARGETS
+  scan: bool = False
 
   def __post_init__(self):
     if not 1 <= self.num_blocks <= self.cfg.depth:
@@ -101,6 +105,45 @@ class SD3Backbone:
       sub = lora_lib.merge(sub, lora, lora_lib.lora_scale(self.lora_rank, self.lora_alpha))
     return self._features(sub, x, sigma, cond)
 
+  def runs(self) -> list[tuple[int, ...]]:
+    """Blocks 0..K−1 in the order they run, grouped: a group ends at a recorded layer and at a
+    change of block kind (dual attention, pre-only), so with `scan` each group of one kind is one
+    `lax.scan` (SD3.5-medium's blocks 0–11 with layers (4, 8, 12): three scans of four blocks).
+    Without `scan` every block is its own group."""
+    kind = lambda i: (i in self.cfg.dual_attention_layers, i == self.cfg.depth - 1)
+    out: list[list[int]] = []
+    for i in range(self.num_blocks):
+      if self.scan and out and out[-1][-1] + 1 not in self.layers and kind(out[-1][-1]) == kind(i):
+        out[-1].append(i)
+      else:
+        out.append([i])
+    return [tuple(r) for r in out]
+
+  def _run_blocks(self, ab, sub, run, img, txt, vec, mask):
+    """Blocks `run` (one kind) on the two token streams: unrolled for one block, else one
+    `lax.scan` over their params stacked on a new leading axis; remat per block either way."""
+    cfg = self.cfg
+    graphdef = nnx.graphdef(ab.blocks[run[0]])
+
+    def one(params, img, txt):
+      block = nnx.merge(graphdef, params)
+      if cfg.remat != 'none':
+        img, txt = nnx.remat(lambda blk, *a: blk(*a), policy=REMAT_POLICIES[cfg.remat])(
+            block, img, txt, vec, mask)
+      else:
+        img, txt = block(img, txt, vec, mask)
+      return constrain(img, _TOKENS), constrain(txt, _TOKENS)
+
+    if len(run) == 1:
+      return one(sub['blocks'][run[0]], img, txt)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[sub['blocks'][i] for i in run])
+
+    def body(carry, params):
+      return one(params, *carry), None
+
+    (img, txt), _ = jax.lax.scan(body, (img, txt), stacked)
+    return img, txt
+
   def _features(self, sub: dict, x, sigma, cond) -> dict:
     cfg = self.cfg
     ab = _abstract_generator(cfg)
@@ -132,15 +175,9 @@ class SD3Backbone:
       txt_mask = cond['mask'].astype(bool)
       mask = jnp.concatenate([jnp.ones(img.shape[:2], bool), txt_mask], axis=1)
     feats_img, feats_txt = [], []
-    for i in range(self.num_blocks):
-      block = part(ab.blocks[i], sub['blocks'][i])
-      if cfg.remat != 'none':
-        img, txt = nnx.remat(lambda blk, *a: blk(*a), policy=REMAT_POLICIES[cfg.remat])(
-            block, img, txt, vec, mask)
-      else:
-        img, txt = block(img, txt, vec, mask)
-      img, txt = constrain(img, _TOKENS), constrain(txt, _TOKENS)
-      if i + 1 in self.layers:
+    for run in self.runs():
+      img, txt = self._run_blocks(ab, sub, run, img, txt, vec, mask)
+      if run[-1] + 1 in self.layers:
         feats_img.append(img)
         feats_txt.append(txt)
     return {'img': tuple(feats_img), 'txt': tuple(feats_txt), 'temb': vec, 'txt_mask': txt_mask}

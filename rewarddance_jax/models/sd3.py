@@ -13,7 +13,8 @@ A sibling of `mmdit.py` sharing `nn/`; same call signature as `Generator`:
      Dual-attention blocks (SD3.5, `dual_attention_layers`) add a second, image-only
      self-attention with its own (shift, scale, gate) from the same modulation (9 chunks).
   4. Final adaLN (shift, scale) + linear to p·p·C, unpatchified in (c, ph, pw) order.
-Layers are not scanned (blocks differ: dual attention, pre-only last block).
+Layers are not scanned (blocks differ: dual attention, pre-only last block; the DiNa-LRM backbone,
+models/backbone_sd3.py, scans runs of blocks of one kind).
 """
 
 from __future__ import annotations

@@ -28,16 +28,14 @@ from rewarddance_jax.parallel.scan import AbstractStep, _abstract
 
 
 def sd3_config(model_cfg):
-  """`SD3Config` from a config.model dict with family='sd3' ('name', 'family' and a False
-  'scan_layers' are ignored)."""
+  """`SD3Config` from a config.model dict with family='sd3' ('name', 'family' and
+  'scan_layers' are not SD3Config fields: the last one is the backbone's `scan`)."""
   # pylint: disable=import-outside-toplevel
   import dataclasses
   from rewarddance_jax.models.sd3 import SD3Config
   fields = {f.name for f in dataclasses.fields(SD3Config)}
   d = dict(model_cfg)
-  if d.pop('scan_layers', False):
-    raise ValueError('config.model.scan_layers=True: SD3 blocks are not scanned (dual-attention '
-                     'and pre-only blocks differ); use a noscan layout.')
+  d.pop('scan_layers', None)
   unknown = set(d) - fields - {'name', 'family'}
   if unknown:
     raise ValueError(f'config.model (family sd3) has unknown key(s) {sorted(unknown)}.')
@@ -61,7 +59,8 @@ def make_backbone(config):
     backbone = SD3Backbone(cfg, num_blocks=int(r.num_blocks),
                            layers=tuple(int(l) for l in r.layers), lora_rank=int(r.lora_rank),
                            lora_alpha=float(r.lora_alpha),
-                           lora_targets=str(r.get('lora_targets', SD3_ATTENTION_TARGETS)))
+                           lora_targets=str(r.get('lora_targets', SD3_ATTENTION_TARGETS)),
+                           scan=bool(config.model.get('scan_layers', False)))
     return (backbone, lambda: SD3Generator(cfg, rngs=nnx.Rngs(0)), 'external',
             (cfg.context_dim, cfg.pooled_dim), cfg.patch_size)
   backbone = latent_reward.make_backbone(config)
