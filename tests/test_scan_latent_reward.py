@@ -46,16 +46,21 @@ def _random_generator(cfg):
   return graphdef, jax.tree.unflatten(treedef, leaves)
 
 
-def test_sd3_backbone_matches_generator():
-  cfg = SD3Config(**TINY)
-  graphdef, state = _random_generator(cfg)
-  params = nnx.to_pure_dict(state)
-  rng = np.random.default_rng(2)
+def _inputs(rng):
+  """Latents (2, 8, 6, 4), σ and SD3 conditioning (padded text) for the TINY shapes."""
   x = jnp.asarray(rng.standard_normal((2, 8, 6, 4)), jnp.float32)
   sigma = jnp.array([0.3, 0.8])
   cond = {'txt': jnp.asarray(rng.standard_normal((2, 5, 12)), jnp.float32),
           'pooled': jnp.asarray(rng.standard_normal((2, 6)), jnp.float32),
           'mask': jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)}
+  return x, sigma, cond
+
+
+def test_sd3_backbone_matches_generator():
+  cfg = SD3Config(**TINY)
+  graphdef, state = _random_generator(cfg)
+  params = nnx.to_pure_dict(state)
+  x, sigma, cond = _inputs(np.random.default_rng(2))
   bb = SD3Backbone(cfg, num_blocks=3, layers=(1, 3), lora_rank=2, lora_alpha=4.0)
   lora = bb.init_lora(params, jax.random.key(3))   # b = 0: the merged model is unchanged
 
@@ -96,11 +101,7 @@ def test_sd3_backbone_scan_equals_unrolled():
   _, state = _random_generator(cfg)
   params = nnx.to_pure_dict(state)
   rng = np.random.default_rng(4)
-  x = jnp.asarray(rng.standard_normal((2, 8, 6, 4)), jnp.float32)
-  sigma = jnp.array([0.3, 0.8])
-  cond = {'txt': jnp.asarray(rng.standard_normal((2, 5, 12)), jnp.float32),
-          'pooled': jnp.asarray(rng.standard_normal((2, 6)), jnp.float32),
-          'mask': jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)}
+  x, sigma, cond = _inputs(rng)
   unrolled = SD3Backbone(cfg, num_blocks=5, layers=(1, 5), lora_rank=2, lora_alpha=4.0)
   scanned = dataclasses.replace(unrolled, scan=True)
   assert scanned.runs() == [(0,), (1, 2, 3), (4,)]
