@@ -43,6 +43,18 @@ def fast_compiles(request):
   jax.config.update('jax_disable_most_optimizations', old)
 
 
+@pytest.fixture
+def child_jax_env(monkeypatch):
+  """Environment for JAX child processes (launcher subprocesses, a notebook kernel): CPU, most
+  XLA optimisations off as in-process (`fast_compiles`), and the suite's compile cache, so a
+  child compiles what another already did only once."""
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  monkeypatch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', jax.config.jax_compilation_cache_dir)
+  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
+                     str(jax.config.jax_persistent_cache_min_compile_time_secs))
+
+
 def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
   """Tests marked `slow` run first. With `--dist worksteal` (pytest.ini) an idle worker takes
   tests from the end of the other's queue, so the run then ends on short tests instead of one

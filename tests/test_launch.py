@@ -5,21 +5,17 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+pytestmark = pytest.mark.usefixtures('child_jax_env')
+
 
 def _run(*args, timeout=300):
-  # Like the in-process tests (conftest.py), the runs compile with most XLA optimisations off,
-  # and share the suite's compile cache: a resumed run compiles what the first one did.
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1',
-             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=str(
-                 jax.config.jax_persistent_cache_min_compile_time_secs))
-  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  # The child inherits the `child_jax_env` fixture's environment (conftest.py; every test here).
+  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout)
 
 
 def _last_line(text):

@@ -2,21 +2,16 @@
 
 import json
 import os
-import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_quickstart_notebook_runs_and_grpo_raises_the_reward(monkeypatch):
+@pytest.mark.usefixtures('child_jax_env')   # the kernel is a fresh JAX process
+def test_quickstart_notebook_runs_and_grpo_raises_the_reward():
   nbclient = pytest.importorskip('nbclient')
   nbformat = pytest.importorskip('nbformat')
-  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-  # The kernel is a fresh process: share the suite's compile cache, skip XLA's slow passes.
-  monkeypatch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
-  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR',
-                     os.path.join(tempfile.gettempdir(), 'rewarddance_jax_test_xla_cache'))
   nb = nbformat.read(os.path.join(ROOT, 'notebooks', 'quickstart.ipynb'), as_version=4)
   nbclient.NotebookClient(nb, timeout=600, kernel_name='python3',
                           resources={'metadata': {'path': ROOT}}).execute()
