@@ -43,6 +43,16 @@ def fast_compiles(request):
   jax.config.update('jax_disable_most_optimizations', old)
 
 
+@pytest.fixture(autouse=True)
+def fresh_step_cache():
+  """Trainers keep their jitted step per config (`loop.run`'s `step_key`); a test reuses steps
+  of its own earlier runs (resume, re-run) but never one left by another test."""
+  from rewarddance_jax.train import loop  # pylint: disable=import-outside-toplevel
+  loop.clear_step_cache()
+  yield
+  loop.clear_step_cache()
+
+
 @pytest.fixture
 def child_jax_env(monkeypatch):
   """Environment for JAX child processes (launcher subprocesses, a notebook kernel): CPU, most

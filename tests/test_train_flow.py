@@ -128,6 +128,34 @@ def test_resume_is_bitwise_identical_and_sigterm_saves(tmp_path, monkeypatch):
   assert _losses(termed)[6] == ref[6]
 
 
+def test_a_rerun_with_the_same_config_reuses_the_compiled_step(tmp_path, monkeypatch):
+  traces = []
+  real = flow_trainer.make_train_step
+
+  def counting(*args, **kwargs):
+    step = real(*args, **kwargs)
+
+    def traced(*a):
+      traces.append(1)   # Python runs here only while jax traces the step
+      return step(*a)
+
+    return traced
+
+  monkeypatch.setattr(flow_trainer, 'make_train_step', counting)
+  flow_trainer.train(_config(total_steps=2), str(tmp_path / 'a'))
+  assert len(traces) == 1
+  # Another workdir, and entries that only steer the loop (steps, logging, checkpoints): the
+  # step of the first run, and the same losses.
+  flow_trainer.train(_config(total_steps=3, log_every=2, **{'ckpt.every': 2}), str(tmp_path / 'b'))
+  assert len(traces) == 1
+  a, b = _losses(str(tmp_path / 'a')), _losses(str(tmp_path / 'b'))
+  assert a[2] == b[2]
+  # A config entry the step reads gives a new step.
+  flow_trainer.train(_config(total_steps=2, **{'flow.shift': 2.0}), str(tmp_path / 'c'))
+  assert len(traces) == 2
+  assert _losses(str(tmp_path / 'c'))[2] != a[2]
+
+
 @pytest.mark.slow  # restore onto another mesh is bitwise-tested in test_checkpoint.py
 def test_resume_onto_another_mesh(tmp_path):
   work = str(tmp_path / 'w')

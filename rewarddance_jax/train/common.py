@@ -6,11 +6,14 @@
   3. `build_generator(config, mesh, rules)`: graphdef + fp32 params created shard by shard.
   4. `digits_tokenizer(workdir)`: the word-level tokenizer, saved beside the run so samplers and
      later stages read the same vocabulary.
+  5. `step_cache_key(config, mesh)`: what identifies a trainer's step function, so a second run
+     with the same config in one process reuses the compiled step (`loop.run`'s `step_key`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 
 import jax
@@ -165,6 +168,20 @@ def policy_state(params, pshard, tx, mesh, ema_decay: float) -> tuple[dict, dict
   return state, shardings
 
 
+# Config entries that steer the loop, its hooks and checkpoints, never the step function.
+LOOP_ONLY_KEYS = ('total_steps', 'log_every', 'max_nonfinite', 'ckpt', 'samples', 'eval')
+
+
+def step_cache_key(config, mesh) -> tuple:
+  """(trainer config without LOOP_ONLY_KEYS as canonical JSON, mesh): equal keys mean equal step
+  functions, because every trainer builds its step closure from the config alone (graphdefs,
+  optimizer, static settings); the arrays a step reads (params, rewards, references, a VAE) come
+  in as state or consts, never as captured constants. Paths in the config are part of the key,
+  so a run that loads other files gets its own step."""
+  cfg = {k: v for k, v in config.to_dict().items() if k not in LOOP_ONLY_KEYS}
+  return json.dumps(cfg, sort_keys=True, default=repr), mesh
+
+
 def run_loop(config, workdir: str, *, desc: str, state, shardings, step_fn, data_iter, to_device,
              mesh, rules, hooks=(), consts=None):
   """`loop.run` with what every trainer takes from its config: loop settings, the base key from
@@ -174,4 +191,5 @@ def run_loop(config, workdir: str, *, desc: str, state, shardings, step_fn, data
       workdir=workdir, loop=loop_lib.LoopConfig.from_config(config, desc=desc), state=state,
       state_shardings=shardings, step_fn=step_fn, data_iter=data_iter, to_device=to_device,
       key=jax.random.key(int(config.seed)), mesh=mesh, hooks=hooks, config_json=config.to_dict(),
-      context=lambda: mesh_context(mesh, rules), consts=consts)
+      context=lambda: mesh_context(mesh, rules), consts=consts,
+      step_key=step_cache_key(config, mesh))

@@ -336,7 +336,8 @@ def train(config, workdir: str) -> dict:
   state, last = loop_lib.run(
       workdir=workdir, loop=loop_cfg, state=state, state_shardings=shardings, step_fn=step_fn,
       data_iter=data_iter, to_device=to_device, key=jax.random.key(int(config.seed)), mesh=mesh,
-      hooks=hooks, config_json=config.to_dict(), context=lambda: common.mesh_context(mesh, rules))
+      hooks=hooks, config_json=config.to_dict(), context=lambda: common.mesh_context(mesh, rules),
+      step_key=common.step_cache_key(config, mesh))
   return {'step': last}
 
 

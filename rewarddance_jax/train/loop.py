@@ -4,7 +4,10 @@ A trainer supplies a pure step `step_fn(state, batch, key) -> (state, metrics)` 
 pytrees (`params`, `opt_state`, optional `ema`, ...), the state's shardings, a data iterator with
 `get_state`/`set_state`, and hooks (sampling, evaluation). The loop:
   1. jits the step once with in/out shardings and the state donated; the step's `metrics` must
-     include `loss` and `skipped` (1 when the update was dropped for a non-finite loss/grad);
+     include `loss` and `skipped` (1 when the update was dropped for a non-finite loss/grad).
+     With a `step_key` the jitted step is kept (the last `STEP_CACHE_SIZE` keys): a trainer run
+     again in the same process with the same key (a resume, a pipeline re-run) reuses the traced,
+     lowered and compiled step instead of repeating seconds of tracing and lowering;
   2. resumes from the newest checkpoint in `workdir/checkpoints` if there is one: state (onto the
      current mesh, whatever mesh saved it), the step, the base key and the data-iterator state,
      so a resumed run continues the same key stream and batches (bitwise-identical losses);
@@ -18,6 +21,7 @@ pytrees (`params`, `opt_state`, optional `ema`, ...), the state's shardings, a d
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import signal
@@ -36,6 +40,28 @@ from rewarddance_jax import metrics as metrics_lib
 
 StepFn = Callable[[dict, Any, jax.Array], tuple[dict, dict]]
 Hook = tuple[int, Callable[[dict, int], dict | None]]
+
+
+STEP_CACHE_SIZE = 4
+_STEP_CACHE: collections.OrderedDict = collections.OrderedDict()
+
+
+def clear_step_cache() -> None:
+  """Forgets every kept jitted step (see `run`'s `step_key`)."""
+  _STEP_CACHE.clear()
+
+
+def _jit_step(step_key, make: Callable[[], Callable]) -> Callable:
+  """`make()` (a jitted step), or the one kept for `step_key` (LRU of STEP_CACHE_SIZE)."""
+  if step_key is None:
+    return make()
+  if step_key in _STEP_CACHE:
+    _STEP_CACHE.move_to_end(step_key)
+    return _STEP_CACHE[step_key]
+  fn = _STEP_CACHE[step_key] = make()
+  while len(_STEP_CACHE) > STEP_CACHE_SIZE:
+    _STEP_CACHE.popitem(last=False)
+  return fn
 
 
 class NonFiniteError(RuntimeError):
@@ -109,13 +135,17 @@ def _to_python(metrics: dict) -> dict:
 def run(*, workdir: str, loop: LoopConfig, state: dict, state_shardings: dict, step_fn: StepFn,
         data_iter, to_device: Callable[[Any], Any], key: jax.Array, mesh,
         hooks: Sequence[Hook] = (), config_json: dict | None = None,
-        context: Callable[[], Any] | None = None, consts: Any = None) -> tuple[dict, int]:
+        context: Callable[[], Any] | None = None, consts: Any = None,
+        step_key: Any = None) -> tuple[dict, int]:
   """Runs (or resumes) training to `loop.total_steps`; returns (final state, last step done).
 
   `context()` returns a context manager (mesh + logical rules) entered around tracing.
   `consts`: frozen trees (reward models, a reference policy) passed to every step as a fourth
   argument, `step_fn(state, batch, key, consts)`, in the shardings they already have; they are
   neither donated nor checkpointed.
+  `step_key`: a hashable that determines `step_fn` (e.g. `common.step_cache_key` of the config);
+  a run with a key seen before uses the jitted step of that earlier run (module docstring, 1).
+  The shardings are added to the key here. None: always jit `step_fn` afresh.
   """
   context = context or contextlib.nullcontext
   ckpt = ckpt_lib.Checkpointer(f'{workdir}/checkpoints', max_to_keep=loop.keep,
@@ -137,14 +167,16 @@ def run(*, workdir: str, loop: LoopConfig, state: dict, state_shardings: dict, s
     writer.truncate_after(start)
     logging.info('Resumed from %s at step %d.', ckpt.step_directory(latest), start)
 
-  with context():
-    if consts is None:
-      jitted = jax.jit(step_fn, in_shardings=(state_shardings, None, None),
-                       out_shardings=(state_shardings, None), donate_argnums=(0,))
-    else:
-      with_consts = jax.jit(step_fn, in_shardings=(state_shardings, None, None, None),
-                            out_shardings=(state_shardings, None), donate_argnums=(0,))
-      jitted = lambda s, b, k: with_consts(s, b, k, consts)  # pylint: disable=unnecessary-lambda-assignment
+  if step_key is not None:
+    leaves, treedef = jax.tree.flatten(state_shardings)
+    step_key = (step_key, treedef, tuple(leaves), consts is None)
+  extra = () if consts is None else (None,)
+  jitted = _jit_step(step_key, lambda: jax.jit(
+      step_fn, in_shardings=(state_shardings, None, None) + extra,
+      out_shardings=(state_shardings, None), donate_argnums=(0,)))
+  if consts is not None:
+    with_consts = jitted
+    jitted = lambda s, b, k: with_consts(s, b, k, consts)  # pylint: disable=unnecessary-lambda-assignment
 
   def save(step: int):
     meta = {'step': np.int64(step), 'rng': np.asarray(jax.random.key_data(key))}
