@@ -50,8 +50,12 @@ def get_config(arg=None):
           # 10 prompts × G = 8, lr 3e-4, clip 1e-2 and the velocity-form KL to the base (β = 2):
           # without the KL the judge swung between 40% and 60% while P(yes) kept rising (reward
           # hacking); with it, it held at +6.5 points (measured, see the issue note).
+          # η = 0.7 (DanceGRPO's 0.3 elsewhere): a group shares x_T, and at η = 0.3 the SDE noise
+          # rarely changes which digit a rollout draws (judge outcomes differ inside 41% of the
+          # base's groups, 65% at η = 0.7), so the group-relative signal was mostly about detail;
+          # within-group corr(reward, judge) 0.17 → 0.35. Judge +3.0 / +0.5 → +5.0 / +5.5.
           overrides=dict(no_samples, optax={'lr': 3e-4},
-                         grpo={'clip_range': 1e-2, 'kl_beta': 2.0},
+                         grpo={'clip_range': 1e-2, 'kl_beta': 2.0, 'noise_level': 0.7},
                          data={'batch_size': 8 if arg.smoke else 80}),
           replace={'rewards': {'vlm': dict(kind='vlm_yes', path='{reward_vlm}/reward_model',
                                            mode='pointwise', normalization='two_way',
