@@ -82,6 +82,19 @@ class _Crash(Exception):
 
 
 def test_resume_is_bitwise_identical_and_sigterm_saves(tmp_path, monkeypatch):
+  traces = []
+  real_make = flow_trainer.make_train_step
+
+  def counting_make(*args, **kwargs):
+    step = real_make(*args, **kwargs)
+
+    def traced(*a):
+      traces.append(1)   # Python runs here only while jax traces the step
+      return step(*a)
+
+    return traced
+
+  monkeypatch.setattr(flow_trainer, 'make_train_step', counting_make)
   full = str(tmp_path / 'full')
   flow_trainer.train(_config(), full)
   ref = _losses(full)
@@ -126,34 +139,27 @@ def test_resume_is_bitwise_identical_and_sigterm_saves(tmp_path, monkeypatch):
   assert '5' in os.listdir(os.path.join(termed, 'checkpoints'))
   flow_trainer.train(_config(), termed)
   assert _losses(termed)[6] == ref[6]
-
-
-def test_a_rerun_with_the_same_config_reuses_the_compiled_step(tmp_path, monkeypatch):
-  traces = []
-  real = flow_trainer.make_train_step
-
-  def counting(*args, **kwargs):
-    step = real(*args, **kwargs)
-
-    def traced(*a):
-      traces.append(1)   # Python runs here only while jax traces the step
-      return step(*a)
-
-    return traced
-
-  monkeypatch.setattr(flow_trainer, 'make_train_step', counting)
-  flow_trainer.train(_config(total_steps=2), str(tmp_path / 'a'))
+  # Five runs of one config in one process: one trace, the later runs reuse the jitted step
+  # (`loop.run`'s step_key).
   assert len(traces) == 1
-  # Another workdir, and entries that only steer the loop (steps, logging, checkpoints): the
-  # step of the first run, and the same losses.
-  flow_trainer.train(_config(total_steps=3, log_every=2, **{'ckpt.every': 2}), str(tmp_path / 'b'))
-  assert len(traces) == 1
-  a, b = _losses(str(tmp_path / 'a')), _losses(str(tmp_path / 'b'))
-  assert a[2] == b[2]
-  # A config entry the step reads gives a new step.
-  flow_trainer.train(_config(total_steps=2, **{'flow.shift': 2.0}), str(tmp_path / 'c'))
-  assert len(traces) == 2
-  assert _losses(str(tmp_path / 'c'))[2] != a[2]
+
+
+def test_step_cache_key_ignores_only_loop_entries_and_the_cache_is_lru(monkeypatch):
+  cfg = _config()
+  mesh, _ = common.setup_mesh(cfg)
+  key = common.step_cache_key(cfg, mesh)
+  loop_only = _config(total_steps=9, log_every=4, **{'ckpt.every': 2, 'samples.every': 5})
+  assert common.step_cache_key(loop_only, mesh) == key
+  for change in ({'flow.shift': 2.0}, {'optax.lr': 1.0}, {'seed': 1}, {'data.batch_size': 4}):
+    assert common.step_cache_key(_config(**change), mesh) != key, change
+  monkeypatch.setattr(loop_lib, 'STEP_CACHE_SIZE', 2)
+  made = []
+  make = lambda name: lambda: made.append(name) or name  # pylint: disable=unnecessary-lambda-assignment
+  assert [loop_lib._jit_step(k, make(k)) for k in 'abab'] == list('abab')  # pylint: disable=protected-access
+  assert made == ['a', 'b']
+  loop_lib._jit_step('c', make('c'))   # evicts the least recently used, 'a'  # pylint: disable=protected-access
+  assert loop_lib._jit_step('b', make('b2')) == 'b' and loop_lib._jit_step('a', make('a2')) == 'a2'  # pylint: disable=protected-access
+  assert loop_lib._jit_step(None, make('n')) == 'n' and loop_lib._jit_step(None, make('n2')) == 'n2'  # pylint: disable=protected-access
 
 
 @pytest.mark.slow  # restore onto another mesh is bitwise-tested in test_checkpoint.py
