@@ -332,12 +332,10 @@ def train(config, workdir: str) -> dict:
 
   hooks = [(int(config.eval.every), eval_hook)] if int(config.eval.get('every', 0)) > 0 else []
   step_fn = make_train_step(config, backbone, head_gd, tx)
-  loop_cfg = loop_lib.LoopConfig.from_config(config, desc=f'{config.reward.kind}_reward')
-  state, last = loop_lib.run(
-      workdir=workdir, loop=loop_cfg, state=state, state_shardings=shardings, step_fn=step_fn,
-      data_iter=data_iter, to_device=to_device, key=jax.random.key(int(config.seed)), mesh=mesh,
-      hooks=hooks, config_json=config.to_dict(), context=lambda: common.mesh_context(mesh, rules),
-      step_key=common.step_cache_key(config, mesh))
+  state, last = common.run_loop(
+      config, workdir, desc=f'{config.reward.kind}_reward', state=state, shardings=shardings,
+      step_fn=step_fn, data_iter=data_iter, to_device=to_device, mesh=mesh, rules=rules,
+      hooks=hooks)
   return {'step': last}
 
 

@@ -358,11 +358,8 @@ def train(config, workdir: str) -> dict:
 
   step_fn = make_train_step(graphdef, tx, tile_spec, yes_ids, no_ids, config.reward_model,
                             to_model)
-  loop_cfg = loop_lib.LoopConfig.from_config(config, desc='vlm_reward')
   hooks = [(int(config.eval_every), eval_hook)]
-  state, last = loop_lib.run(
-      workdir=workdir, loop=loop_cfg, state=state, state_shardings=shardings, step_fn=step_fn,
-      data_iter=data_iter, to_device=to_device, key=jax.random.key(int(config.seed)), mesh=mesh,
-      hooks=hooks, config_json=config.to_dict(), context=lambda: common.mesh_context(mesh, rules),
-      step_key=common.step_cache_key(config, mesh))
+  state, last = common.run_loop(
+      config, workdir, desc='vlm_reward', state=state, shardings=shardings, step_fn=step_fn,
+      data_iter=data_iter, to_device=to_device, mesh=mesh, rules=rules, hooks=hooks)
   return {'step': last}
