@@ -224,6 +224,55 @@ def test_fm_weight_needs_digit_prompts(tmp_path):
     grpo_trainer.train(cfg, str(tmp_path / 'run'))
 
 
+def test_best_of_trains_on_each_groups_best_and_worst_rows_only():
+  """best_of = 2 of G = 4: rows 0 and 1 are group 0's extremes, rows 2 and 3 its middle. Moving a
+  middle row's stored transition leaves the update bit for bit unchanged; moving an extreme one
+  changes it (and without best_of, moving the middle one does too)."""
+  mesh = mesh_lib.create_mesh(ml_collections.ConfigDict(
+      dict(axes=('data', 'fsdp', 'tensor'), ici=(1, 1, 1))), jax.devices()[:1])
+  rules_ = sharding_lib.rules_from_config(_config().sharding_rules)
+  rewards = base.WeightedRewards([(rules.mean_intensity(), 1.0)])
+  per = {rewards.names[0]: jnp.array([0.1, 0.9, 0.5, 0.3, 0.2, 0.4, 0.8, 0.6])}
+
+  def updates(best_of, rows_moved):
+    # No clipping (a clipped row has no gradient) and a small move (a big one underflows ρ to 0).
+    cfg = _config(**{'grpo.best_of': best_of, 'grpo.clip_range': 1e3})
+    gcfg = grpo_step.GRPOConfig.from_config(cfg.grpo)
+    graphdef, params, pshard, _ = common.build_generator(cfg, mesh, rules_)
+    tx = optim.make_optimizer(cfg.optax)
+    state, _ = grpo_trainer.build_state(cfg, params, pshard, tx, mesh, B, gcfg)
+    fns = grpo_step.make_grpo_functions(
+        graphdef, tx, gcfg, grpo_trainer.IMAGE_SHAPE, reward_names=rewards.names,
+        reward_weights=rewards.weights, decode=grpo_trainer.decode_unit)
+    tokens = np.repeat(np.arange(4, 12, dtype=np.int32).reshape(2, 4), G, axis=0)
+    batch = {'tokens': jnp.asarray(tokens), 'mask': jnp.ones((B, 4), bool)}
+    consts = {'rewards': rewards, 'ref': None, 'base': None}
+    with common.mesh_context(mesh, rules_):
+      ro = jax.jit(fns.rollout)(state['params'], batch, grpo_step.split_keys(jax.random.key(0)),
+                                jnp.int32(0))
+      update = jax.jit(fns.update)
+      out = []
+      for row in (None,) + rows_moved:
+        moved = ro if row is None else dict(ro, x_next=ro['x_next'].at[:, row].add(1e-3))
+        new, metrics = update(state, consts, moved, per, batch, jax.random.key(1))
+        # The loss and the gradient norm: Adam's first step, g/(|g| + eps), can round a small
+        # change of the gradient away in the params.
+        out.append(jax.device_get((new['params'], metrics['loss'], metrics['grad_norm'])))
+    return out, metrics
+
+  def same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+  (ref, middle, extreme), metrics = updates(2, (2, 0))
+  assert same(ref, middle)
+  assert not same(ref, extreme)
+  assert float(metrics['kept_fraction']) == 1.0
+  (ref, middle), _ = updates(0, (2,))
+  assert not same(ref, middle)
+  with pytest.raises(ValueError, match='grpo.best_of=3 must be 0'):
+    grpo_step.GRPOConfig.from_config(dict(_config().grpo, best_of=3))
+
+
 def test_reward_window_is_the_std_of_the_last_w_iterations():
   window = jnp.zeros((3, 2), jnp.float32)
   seen = []

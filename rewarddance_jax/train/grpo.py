@@ -174,9 +174,11 @@ def train(config, workdir: str) -> dict:
   mesh, rules = common.setup_mesh(config)
   gcfg = grpo_step.GRPOConfig.from_config(config.grpo)
   batch_size = int(config.data.batch_size)
-  if batch_size % gcfg.group_size or batch_size % gcfg.minibatches:
+  trained = batch_size // gcfg.group_size * gcfg.best_of if gcfg.best_of else batch_size
+  if batch_size % gcfg.group_size or trained % gcfg.minibatches:
     raise ValueError(f'config.data.batch_size={batch_size} must be divisible by '
-                     f'grpo.group_size={gcfg.group_size} and grpo.minibatches={gcfg.minibatches}.')
+                     f'grpo.group_size={gcfg.group_size}, and its {trained} trained rows '
+                     f'(grpo.best_of={gcfg.best_of}) by grpo.minibatches={gcfg.minibatches}.')
   encoded_dir = config.data.get('encoded_prompts', '')
   tok = None if encoded_dir else common.digits_tokenizer(workdir, config.model.get('vocab_size'))
   graphdef, params, pshard = common.init_policy(config, mesh, rules)

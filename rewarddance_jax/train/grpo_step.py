@@ -9,7 +9,9 @@ shared loop jits once with the state donated. Inside, with nothing going back to
      trainable steps; the SDE mask and the per-sample trained steps come from `rl.timesteps`.
   2. Rewards on x̂0 of the last step ('latents', and 'pixels' = decode(x̂0)), every configured
      reward with its own key; advantages per group (`rl.advantages`), several rewards combined by
-     advantage or reward aggregation (`rl.aggregate`); zero-advantage samples get weight 0.
+     advantage or reward aggregation (`rl.aggregate`); zero-advantage samples get weight 0. With
+     `best_of` = k > 0 only each group's k/2 best and k/2 worst rollouts go on to the update
+     (DanceGRPO's training on the extremes, `rl.extremes`).
   3. Update: the samples are shuffled and split into M minibatches; per minibatch the gradient of
      Σ_t L_t/T over its T trained steps is accumulated under `lax.scan` (one forward/backward per
      step in memory), then one optimizer step (M optimizer steps per iteration; DG/FG
@@ -68,7 +70,7 @@ from rewarddance_jax.flow import schedules, steps
 from rewarddance_jax.nn import lora as lora_lib
 from rewarddance_jax.parallel.sharding import constrain
 from rewarddance_jax.rl import advantages as adv_lib
-from rewarddance_jax.rl import aggregate, ema as ema_lib, grpo_loss, kl as kl_lib
+from rewarddance_jax.rl import aggregate, ema as ema_lib, extremes, grpo_loss, kl as kl_lib
 from rewarddance_jax.rl import timesteps
 
 COND_KEYS = ('tokens', 'mask', 'txt', 'pooled')
@@ -115,6 +117,7 @@ class GRPOConfig:
   ema_decay: float = 0.0
   variance_window: int = 1000
   fm_weight: float = 0.0
+  best_of: int = 0
   lora: LoRAConfig = LoRAConfig()
 
   def __post_init__(self):
@@ -136,6 +139,7 @@ class GRPOConfig:
       raise ValueError('grpo.selection.num_steps must equal grpo.num_steps.')
     if self.fm_weight < 0:
       raise ValueError(f'grpo.fm_weight must be >= 0, got {self.fm_weight}.')
+    extremes.check_keep(self.group_size, self.best_of)
 
   @classmethod
   def from_config(cls, cfg) -> 'GRPOConfig':
@@ -288,9 +292,8 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
 
   def rollout(params, batch, keys, iteration):
     b = _batch_size(batch)
-    if b % g or b % gcfg.minibatches:
-      raise ValueError(f'the GRPO batch ({b} rows) must be divisible by group_size={g} and by '
-                       f'minibatches={gcfg.minibatches}.')
+    if b % g:
+      raise ValueError(f'the GRPO batch ({b} rows) must be divisible by group_size={g}.')
     cond = cond_from_batch(batch)
     sigmas = jnp.asarray(sigmas_np)
     idx, sde_mask = timesteps.select(sel, keys['select'], b, iteration)
@@ -393,8 +396,19 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
     per_sample = (timesteps.gather_steps(ro['x'], idx), timesteps.gather_steps(ro['x_next'], idx),
                   timesteps.gather_steps(ro['logp'], idx), sigmas[idx], sigmas[idx + 1], adv,
                   mask)
+    labels = batch.get('labels')
+    if gcfg.best_of:
+      # Train on each group's best_of/2 best and worst rollouts only (rl/extremes.py).
+      rows = extremes.extreme_rows(adv, g, gcfg.best_of)
+      take = lambda a: _rows(jnp.take(a, rows, axis=0))  # pylint: disable=unnecessary-lambda-assignment
+      per_sample = tuple(take(a) for a in per_sample)
+      cond = jax.tree.map(take, cond)
+      labels = None if labels is None else jnp.take(labels, rows, axis=0)
 
-    b = adv.shape[0]
+    b = per_sample[-1].shape[0]
+    if b % gcfg.minibatches:
+      raise ValueError(f'the {b} trained rows (best_of={gcfg.best_of} per group) must be '
+                       f'divisible by minibatches={gcfg.minibatches}.')
     m = gcfg.minibatches
     perm = jax.random.permutation(key, b)
 
@@ -405,11 +419,11 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
     data = tuple(split(a) for a in per_sample)
     fm_data = None
     if gcfg.fm_weight > 0:
-      if consts.get('fm_images') is None or 'labels' not in batch:
+      if consts.get('fm_images') is None or labels is None:
         raise ValueError('grpo.fm_weight > 0 needs consts["fm_images"] (real images per prompt '
                          'label) and batch["labels"].')
       k_pick, k_fm = jax.random.split(jax.random.fold_in(key, 1))
-      real = label_table.sample_table(consts['fm_images'], batch['labels'], k_pick) * 2.0 - 1.0
+      real = label_table.sample_table(consts['fm_images'], labels, k_pick) * 2.0 - 1.0
       fm_data = (split(real), jax.random.split(k_fm, m))
     params, opt_state, ema, stats = minibatch_updates(state, consts, data,
                                                       jax.tree.map(split, cond), fm_data)
@@ -429,7 +443,7 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
         'reward_mean': jnp.mean(total), 'reward_std': jnp.std(total),
         'reward_window_mean': w_mean, 'reward_window_std': jnp.sqrt(w_var),
         'reward_window_var': w_var,
-        'adv_abs_mean': jnp.mean(jnp.abs(adv)), 'kept_fraction': jnp.mean(mask),
+        'adv_abs_mean': jnp.mean(jnp.abs(adv)), 'kept_fraction': jnp.mean(per_sample[-1]),
         'zero_std_fraction': adv_lib.zero_std_fraction(total, g),
         'grad_norm': jnp.mean(stats['grad_norm']), 'grad_norm_max': jnp.max(stats['grad_norm']),
         'ratio_mean': jnp.mean(stats['ratio_mean']), 'ratio_min': jnp.min(stats['ratio_min']),
