@@ -63,7 +63,7 @@ def main(argv):
   config.mesh.ici = tuple(config.mesh.ici)
   mesh, rules = common.setup_mesh(config)
   tok = common.digits_tokenizer(workdir, config.model.get('vocab_size'))
-  graphdef, params, pshard, _ = common.build_generator(config, mesh, rules)
+  graphdef, params, pshard, _ = common.build_generator(config, mesh, rules, abstract=True)
   has_ema = os.path.isdir(os.path.join(str(ckpt.step_directory(step)), 'ema'))
   item = 'ema' if has_ema else 'params'
   restored = ckpt.restore(step, arrays={item: ckpt_lib.abstract_like(params, pshard)})

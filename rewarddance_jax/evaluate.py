@@ -32,7 +32,7 @@ GENERATOR_TRAINERS = ('flow', 'grpo', 'refl', 'prfl', 'r0')
 
 def _stage_generator(cfg, directory: str):
   mesh, rules = common.setup_mesh(cfg)
-  graphdef, params, pshard, _ = common.build_generator(cfg, mesh, rules)
+  graphdef, params, pshard, _ = common.build_generator(cfg, mesh, rules, abstract=True)
   params = common.restore_generator(directory, params, pshard, use_ema=True)
   return graphdef, params
 

@@ -91,6 +91,26 @@ def test_sharded_init_materialises_shards():
   assert jax.tree.structure(params) == jax.tree.structure(shardings)
 
 
+def test_sharded_abstract_matches_sharded_init_without_running_it():
+  mesh = mesh_lib.create_mesh(_mesh_cfg((2, 2, 2)))
+  rules = sharding_lib.DEFAULT_RULES
+  cfg = generator_config(model_preset('tiny'))
+  factory = lambda: Generator(cfg, rngs=nnx.Rngs(0))
+  gd_real, (params,), (shard_real,) = sharding_lib.sharded_init(factory, mesh, rules)
+  gd, (abstract,), (shardings,) = sharding_lib.sharded_abstract(factory, mesh, rules,
+                                                                cache_key=('tiny', cfg))
+  assert gd == gd_real
+  assert jax.tree.structure(abstract) == jax.tree.structure(params)
+  for a, p, s, s_real in zip(jax.tree.leaves(abstract), jax.tree.leaves(params),
+                             jax.tree.leaves(shardings), jax.tree.leaves(shard_real)):
+    assert isinstance(a, jax.ShapeDtypeStruct)
+    assert (a.shape, a.dtype, a.sharding) == (p.shape, p.dtype, p.sharding) and s == s_real
+  # The key ignores the seed: a second build of the same model is the cached result.
+  again = sharding_lib.sharded_abstract(lambda: Generator(cfg, rngs=nnx.Rngs(7)), mesh, rules,
+                                        cache_key=('tiny', cfg))
+  assert again[1] is sharding_lib.sharded_abstract(factory, mesh, rules, cache_key=('tiny', cfg))[1]
+
+
 def test_host_to_global_shards_the_batch():
   mesh = mesh_lib.create_mesh(_mesh_cfg((2, 4, 1)))
   batch = {'x': np.arange(16 * 3, dtype=np.float32).reshape(16, 3)}

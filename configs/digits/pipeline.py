@@ -60,9 +60,17 @@ def get_config(arg=None):
           replace={'rewards': {'vlm': dict(kind='vlm_yes', path='{reward_vlm}/reward_model',
                                            mode='pointwise', normalization='two_way',
                                            native_size=8)}}),
+      # 4 prompts × G = 16 rollouts, of which each group's 4 best and 4 worst are trained
+      # (best_of = 8, DanceGRPO's HunyuanVideo recipe). Measured on the stored bases: judge
+      # 64.0 / 58.0% with G = 8 and every rollout trained (seed 1 below its base, 65.5%);
+      # 53.0 / 76.0% with this (both above the bases, 51.0 / 65.5%); 56.0 / 63.5% with best 4
+      # of G = 8.
       'grpo_thurstone': dict(
           config='configs.digits.grpo', arg=f'{local}init={{base}},steps={arg.grpo_steps}',
-          needs=['base', 'reward_thurstone'], overrides=no_samples,
+          needs=['base', 'reward_thurstone'],
+          overrides=dict(no_samples, grpo={'group_size': 4 if arg.smoke else 16,
+                                           'best_of': 2 if arg.smoke else 8},
+                         data={'batch_size': 8 if arg.smoke else 64}),
           replace={'rewards': {'thurstone': dict(kind='thurstone',
                                                  path='{reward_thurstone}',
                                                  sigmas=(0.2, 0.5, 0.7))}}),

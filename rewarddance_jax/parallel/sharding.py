@@ -156,6 +156,38 @@ def sharded_init(factory: Callable[[], nnx.Module], mesh: Mesh, rules: Rules, *f
   return graphdef, trees, shardings
 
 
+# (cache_key, mesh, rules, filters) -> (graphdef, abstract trees, shardings); see sharded_abstract.
+_ABSTRACT_CACHE: dict = {}
+
+
+def sharded_abstract(factory: Callable[[], nnx.Module], mesh: Mesh, rules: Rules, *filters,
+                     cache_key: Hashable | None = None
+                     ) -> tuple[nnx.GraphDef, tuple[dict, ...], tuple[dict, ...]]:
+  """`sharded_init` without the arrays: (graphdef, trees of `jax.ShapeDtypeStruct` carrying
+  their shardings, shardings). The target for params that are restored from a checkpoint anyway:
+  no random init is traced, compiled or run (a pipeline stage or an evaluation that starts from
+  a checkpoint saves a compile of several seconds). `cache_key` names what `factory` builds,
+  whatever its seed (shapes only): a second call with the same key, mesh, rules and filters
+  returns the first result."""
+  filters = filters or (...,)
+  key = None if cache_key is None else (cache_key, mesh, rules, filters)
+  if key is not None and key in _ABSTRACT_CACHE:
+    return _ABSTRACT_CACHE[key]
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    abstract = nnx.eval_shape(factory)
+    graphdef, *abstract_states = nnx.split(abstract, *filters)
+    shardings = tuple(
+        nnx.to_pure_dict(state_shardings(s, mesh, rules)) for s in abstract_states)
+  trees = tuple(
+      jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                   nnx.to_pure_dict(state), shard)
+      for state, shard in zip(abstract_states, shardings))
+  result = (graphdef, trees, shardings)
+  if key is not None:
+    _ABSTRACT_CACHE[key] = result
+  return result
+
+
 def abstract_state(factory: Callable[[], nnx.Module], mesh: Mesh, rules: Rules,
                    *filters) -> tuple[nnx.GraphDef, tuple[nnx.State, ...]]:
   """Shape-only build of `factory()` (no memory): graphdef and abstract states with metadata."""

@@ -38,13 +38,18 @@ def mesh_context(mesh, rules):
     yield
 
 
-def build_generator(config, mesh, rules, seed: int | None = None):
-  """Returns (graphdef, params, param_shardings, GeneratorConfig)."""
+def build_generator(config, mesh, rules, seed: int | None = None, *, abstract: bool = False):
+  """Returns (graphdef, params, param_shardings, GeneratorConfig). `abstract`: params are
+  `jax.ShapeDtypeStruct`s with their shardings (no init runs), the target of a restore."""
   gen_cfg = generator_config(config.model)
   seed = config.seed if seed is None else seed
-  graphdef, (params,), (shardings,) = sharding_lib.sharded_init(
-      lambda: Generator(gen_cfg, rngs=nnx.Rngs(seed)), mesh, rules,
-      cache_key=('generator', gen_cfg, int(seed)))
+  factory = lambda: Generator(gen_cfg, rngs=nnx.Rngs(seed))  # pylint: disable=unnecessary-lambda-assignment
+  if abstract:
+    graphdef, (params,), (shardings,) = sharding_lib.sharded_abstract(
+        factory, mesh, rules, cache_key=('generator', gen_cfg))
+  else:
+    graphdef, (params,), (shardings,) = sharding_lib.sharded_init(
+        factory, mesh, rules, cache_key=('generator', gen_cfg, int(seed)))
   return graphdef, params, shardings, gen_cfg
 
 
@@ -144,8 +149,8 @@ def init_policy(config, mesh, rules):
     logging.info('Starting from the %s weights in %s.', weights.get('family', 'flux'),
                  weights['src'])
     return graphdef, params, pshard
-  graphdef, params, pshard, _ = build_generator(config, mesh, rules)
   init = config.get('init', {}).get('generator', '')
+  graphdef, params, pshard, _ = build_generator(config, mesh, rules, abstract=bool(init))
   if init:
     params = restore_generator(init, params, pshard,
                                use_ema=bool(config.init.get('use_ema', False)))
