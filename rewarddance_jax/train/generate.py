@@ -56,10 +56,19 @@ def digit_prompts(per_class: int) -> tuple[list[str], np.ndarray]:
 
 
 def make_sampler(graphdef, sampler_cfg, image_shape: tuple[int, ...]):
-  """A jitted `(params, tokens, mask, key) -> images in [0, 1]` for the configured sampler."""
-  sigmas = jnp.asarray(sampler_sigmas(sampler_cfg))
-  kind = sampler_cfg.get('kind', 'ode')
-  noise_level = float(sampler_cfg.get('noise_level', 0.0))
+  """A jitted `(params, tokens, mask, key) -> images in [0, 1]` for the configured sampler.
+
+  Params are an argument, so one compiled sampler serves every checkpoint of a model: equal
+  (graphdef, schedule, kind, noise level, shape) return the same jitted function (the pipeline's
+  evaluation samples six stages of one generator and compiles once)."""
+  return _sampler(graphdef, tuple(float(s) for s in sampler_sigmas(sampler_cfg)),
+                  str(sampler_cfg.get('kind', 'ode')),
+                  float(sampler_cfg.get('noise_level', 0.0)), tuple(image_shape))
+
+
+@functools.lru_cache(maxsize=8)
+def _sampler(graphdef, sigmas_tuple, kind, noise_level, image_shape):
+  sigmas = jnp.asarray(np.asarray(sigmas_tuple, np.float32))
 
   @jax.jit
   def sample(params, tokens, mask, key):
