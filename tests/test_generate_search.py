@@ -95,6 +95,7 @@ def test_one_compiled_sampler_serves_every_checkpoint_of_a_model(tiny):
   tokens, mask = tokenizer_lib.encode_prompts(tok, ['a 3', 'a 7'], 8)
   shifted = jax.tree.map(lambda p: p * 0.5, params)
   a = sample(params, tokens, mask, jax.random.key(0))
+  compiled = sample._cache_size()  # other tests of the process may have used it with other shapes
   b = sample(shifted, tokens, mask, jax.random.key(0))
   assert not np.allclose(a, b)
-  assert sample._cache_size() == 1
+  assert sample._cache_size() == compiled
