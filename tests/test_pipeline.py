@@ -65,6 +65,30 @@ def test_pipeline_runs_skips_finished_stages_and_reproduces(tmp_path, monkeypatc
                                      for r in rows)
 
 
+def test_a_stage_stopped_by_sigterm_is_not_done_and_stops_the_pipeline(tmp_path, monkeypatch,
+                                                                       capsys):
+  calls = []
+
+  def trainer(stopped_at):
+    def run(cfg, directory):
+      calls.append(os.path.basename(directory))
+      os.makedirs(directory, exist_ok=True)
+      return {'step': stopped_at if stopped_at is not None else int(cfg.total_steps)}
+    return run
+
+  # The base's trainer returns at step 1 of 4 (what SIGTERM makes it do): not done, grpo and the
+  # evaluation do not run.
+  monkeypatch.setattr('rewarddance_jax.train.get_trainer', lambda name: trainer(1))
+  assert pipeline.train(_config(), str(tmp_path)) == {'report': None}
+  assert calls == ['base'] and not os.path.exists(tmp_path / 'base' / pipeline.DONE)
+  assert 'base stopped at step 1 of 4' in capsys.readouterr().out
+  # The re-run resumes the base (called again) and goes on.
+  monkeypatch.setattr('rewarddance_jax.train.get_trainer', lambda name: trainer(None))
+  records = pipeline.run_stages(_config(), str(tmp_path))
+  assert calls == ['base', 'base', 'grpo'] and sorted(records) == ['base', 'grpo']
+  assert os.path.isfile(tmp_path / 'base' / pipeline.DONE)
+
+
 def test_acceptance_checks_by_hand(tmp_path):
   rows = [dict(method='base', judge_accuracy=0.5, reward_mean=0.3, reward_std=0.2, model_calls=20),
           dict(method='base + best-of-11', judge_accuracy=0.6, reward_mean=0.7, reward_std=0.3,

@@ -9,7 +9,9 @@
   needs      optional list of stages that must have run (checked before anything starts).
 Each stage runs its own trainer in `WORKDIR/<name>` with `config.seed + offset`. A finished stage
 leaves `DONE.json` (wall time, trainer result) and is skipped on the next run; an interrupted one
-resumes from its own checkpoints, so re-running the command picks up where it stopped.
+resumes from its own checkpoints, so re-running the command picks up where it stopped. A stage
+stopped by SIGTERM (its trainer saves a checkpoint and returns before its last step) stops the
+pipeline there, without DONE.json, later stages or the evaluation.
 
 Then `rewarddance_jax.evaluate.evaluate_pipeline` writes `WORKDIR/report.md` (judge accuracy,
 reward mean/std per method, best-of-N and Search over Paths rows, sample grids, curves) and the
@@ -84,8 +86,9 @@ def is_done(directory: str) -> bool:
   return os.path.isfile(os.path.join(directory, DONE))
 
 
-def run_stages(config, workdir: str) -> dict[str, dict]:
-  """Runs every unfinished stage in order; returns name -> DONE record."""
+def run_stages(config, workdir: str) -> dict[str, dict] | None:
+  """Runs every unfinished stage in order; returns name -> DONE record, or None when a stage
+  stopped before its last step (SIGTERM), which is then left unfinished to resume."""
   from rewarddance_jax.train import get_trainer  # pylint: disable=import-outside-toplevel
   dirs = stage_dirs(config, workdir)
   names = stage_names(config)
@@ -109,6 +112,13 @@ def run_stages(config, workdir: str) -> dict[str, dict]:
     print(f'== [{index + 1}/{len(names)}] {name} ({cfg.trainer})', flush=True)
     t0 = time.time()
     result = get_trainer(cfg.trainer)(cfg, directory)
+    last, total = int((result or {}).get('step', cfg.total_steps)), int(cfg.total_steps)
+    if last < total:
+      # The trainer returned early (SIGTERM: checkpoint saved). The stage is not done: no
+      # DONE.json, no later stage, no evaluation; the next run resumes it from the checkpoint.
+      print(f'== {name} stopped at step {last} of {total} (checkpoint saved); re-run the same '
+            'command to resume it.', flush=True)
+      return None
     record = {'seconds': time.time() - t0, 'trainer': cfg.trainer,
               'result': {k: v for k, v in (result or {}).items()
                          if isinstance(v, (int, float, str))}}
@@ -122,6 +132,8 @@ def train(config, workdir: str) -> dict:
   from rewarddance_jax import evaluate  # pylint: disable=import-outside-toplevel
   t0 = time.time()
   records = run_stages(config, workdir)
+  if records is None:
+    return {'report': None}
   report = evaluate.evaluate_pipeline(config, workdir, records)
   print(report['summary'], flush=True)
   print(f'pipeline: {time.time() - t0:.0f} s this run; report at {report["path"]}', flush=True)
