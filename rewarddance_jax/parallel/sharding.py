@@ -140,15 +140,13 @@ def sharded_init(factory: Callable[[], nnx.Module], mesh: Mesh, rules: Rules, *f
     graphdef, shardings, init = _INIT_CACHE[key]
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
       return graphdef, init(), shardings
+  graphdef, abstract_states = abstract_state(factory, mesh, rules, *filters)
+  shardings = tuple(nnx.to_pure_dict(state_shardings(s, mesh, rules)) for s in abstract_states)
+
+  def init_fn():
+    return tuple(nnx.to_pure_dict(s) for s in nnx.split(factory(), *filters)[1:])
+
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    abstract = nnx.eval_shape(factory)
-    graphdef, *abstract_states = nnx.split(abstract, *filters)
-    shardings = tuple(
-        nnx.to_pure_dict(state_shardings(s, mesh, rules)) for s in abstract_states)
-
-    def init_fn():
-      return tuple(nnx.to_pure_dict(s) for s in nnx.split(factory(), *filters)[1:])
-
     init = jax.jit(init_fn, out_shardings=shardings)
     trees = init()
   if key is not None:
@@ -173,11 +171,8 @@ def sharded_abstract(factory: Callable[[], nnx.Module], mesh: Mesh, rules: Rules
   key = None if cache_key is None else (cache_key, mesh, rules, filters)
   if key is not None and key in _ABSTRACT_CACHE:
     return _ABSTRACT_CACHE[key]
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    abstract = nnx.eval_shape(factory)
-    graphdef, *abstract_states = nnx.split(abstract, *filters)
-    shardings = tuple(
-        nnx.to_pure_dict(state_shardings(s, mesh, rules)) for s in abstract_states)
+  graphdef, abstract_states = abstract_state(factory, mesh, rules, *filters)
+  shardings = tuple(nnx.to_pure_dict(state_shardings(s, mesh, rules)) for s in abstract_states)
   trees = tuple(
       jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                    nnx.to_pure_dict(state), shard)

@@ -404,8 +404,9 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
       per_sample = tuple(take(a) for a in per_sample)
       cond = jax.tree.map(take, cond)
       labels = None if labels is None else jnp.take(labels, rows, axis=0)
+      mask = per_sample[-1]
 
-    b = per_sample[-1].shape[0]
+    b = mask.shape[0]
     if b % gcfg.minibatches:
       raise ValueError(f'the {b} trained rows (best_of={gcfg.best_of} per group) must be '
                        f'divisible by minibatches={gcfg.minibatches}.')
@@ -443,7 +444,7 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
         'reward_mean': jnp.mean(total), 'reward_std': jnp.std(total),
         'reward_window_mean': w_mean, 'reward_window_std': jnp.sqrt(w_var),
         'reward_window_var': w_var,
-        'adv_abs_mean': jnp.mean(jnp.abs(adv)), 'kept_fraction': jnp.mean(per_sample[-1]),
+        'adv_abs_mean': jnp.mean(jnp.abs(adv)), 'kept_fraction': jnp.mean(mask),
         'zero_std_fraction': adv_lib.zero_std_fraction(total, g),
         'grad_norm': jnp.mean(stats['grad_norm']), 'grad_norm_max': jnp.max(stats['grad_norm']),
         'ratio_mean': jnp.mean(stats['ratio_mean']), 'ratio_min': jnp.min(stats['ratio_min']),

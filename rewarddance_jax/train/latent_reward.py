@@ -96,8 +96,7 @@ def load_base(config, backbone: Backbone, mesh, rules):
   """(base params cut to the backbone, their shardings): restored, or fresh when base_workdir=''."""
   gen_cfg = backbone.gen_cfg
   factory = lambda: Generator(gen_cfg, rngs=nnx.Rngs(int(config.seed)))
-  _, (abstract,) = sharding_lib.abstract_state(factory, mesh, rules)
-  full_shard = nnx.to_pure_dict(sharding_lib.state_shardings(abstract, mesh, rules))
+  _, (target,), (full_shard,) = sharding_lib.sharded_abstract(factory, mesh, rules)
   shardings = backbone.take(full_shard)
   base_dir = str(config.reward.get('base_workdir', ''))
   if not base_dir:
@@ -108,7 +107,6 @@ def load_base(config, backbone: Backbone, mesh, rules):
   if _normalise(saved) != want:
     diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
     raise ValueError(f'config.model differs from the generator in {base_dir} at keys {diff}.')
-  target = ckpt_lib.abstract_like(nnx.to_pure_dict(abstract), full_shard)
   item = str(config.reward.get('base_item', 'params'))
   with ckpt_lib.Checkpointer(os.path.join(base_dir, 'checkpoints'), async_save=False) as c:
     full = c.restore(step, arrays={item: target})[item]
