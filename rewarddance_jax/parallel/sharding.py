@@ -140,8 +140,7 @@ def sharded_init(factory: Callable[[], nnx.Module], mesh: Mesh, rules: Rules, *f
     graphdef, shardings, init = _INIT_CACHE[key]
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
       return graphdef, init(), shardings
-  graphdef, abstract_states = abstract_state(factory, mesh, rules, *filters)
-  shardings = tuple(nnx.to_pure_dict(state_shardings(s, mesh, rules)) for s in abstract_states)
+  graphdef, _, shardings = sharded_abstract(factory, mesh, rules, *filters)
 
   def init_fn():
     return tuple(nnx.to_pure_dict(s) for s in nnx.split(factory(), *filters)[1:])
