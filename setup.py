@@ -24,6 +24,7 @@ setup(
         "tqdm>=4.66",
         "tokenizers>=0.20",
         "scikit-learn>=1.5",
+        "scipy>=1.11",  # reward-training augmentation (data/augment.py)
         "pillow>=10",
         "matplotlib>=3.8",
         "jinja2>=3.1",  # chat templates of VLM reward tokenizers

@@ -50,18 +50,20 @@ def get_config(arg=None):
           # 20 prompts (each digit twice) × G = 16, each group's 4 best and 4 worst rollouts
           # trained (best_of = 8), advantages centred per group and scaled by the whole batch's
           # reward std (Flow-GRPO's global_std); lr 3e-4, clip 1e-2, the velocity-form KL to the
-          # base (β = 2); η = 0.7. Measured on the stored bases (seed 0 / 1, base 51.0 / 65.5%):
-          # 10 × G 8, group std: 56.0 / 71.0%; + global std: 60.0 / 71.5%; 10 × G 16, best 8:
-          # 62.0 / 74.0%; this: 65.5 / 75.0% (see the issue note). The limit is the gradient's
-          # noise: at lr 1e-3 the rollout reward fell below the base's, while each doubling of
-          # the rollouts per iteration raised the judge. Without the KL the judge swung between
-          # 40% and 60% while P(yes) kept rising (reward hacking). A group's own std on a
-          # saturating P(yes) turns the tiny spread of an all-good group into full-size
-          # advantages; the batch std keeps them small.
+          # base (β = 0.5); η = 0.7. Measured on the stored bases (seed 0 / 1, base 51.0 / 65.5%):
+          # 10 × G 8, group std, β 2: 56.0 / 71.0%; + global std: 60.0 / 71.5%; this batch,
+          # β 2: 65.5 / 75.0%; β 1: 68.5 / 70.5%; β 0: 35.0 / 35.0% (reward hacking: P(yes)
+          # up, the judge down). With the reward trained on augmented digits (warp, stroke width,
+          # blur, noise: configs/digits/reward_vlm.py) the generator finds less to exploit:
+          # β 2: 63.0 / 76.5%; β 1: 68.5 / 81.0%; β 0.5 (this): 71.5 / 84.0% (see the issue
+          # notes). The limit at a small batch is the gradient's noise: at lr 1e-3 the rollout
+          # reward fell below the base's, while each doubling of the rollouts per iteration
+          # raised the judge. A group's own std on a saturating P(yes) turns the tiny spread of
+          # an all-good group into full-size advantages; the batch std keeps them small.
           # η = 0.7 (DanceGRPO's 0.3 elsewhere): a group shares x_T, and at η = 0.3 the SDE noise
           # rarely changes which digit a rollout draws.
           overrides=dict(no_samples, optax={'lr': 3e-4},
-                         grpo={'clip_range': 1e-2, 'kl_beta': 2.0, 'noise_level': 0.7,
+                         grpo={'clip_range': 1e-2, 'kl_beta': 0.5, 'noise_level': 0.7,
                                'advantage': 'flow_grpo', 'global_std': True,
                                'group_size': 4 if arg.smoke else 16,
                                'best_of': 2 if arg.smoke else 8},

@@ -28,11 +28,15 @@ LoRA (`lora = dict(rank, alpha, targets, train_vision)`, rank 0 = full training,
 Held-out metrics (digits held-out split) every `eval_every` steps and at the end:
   pointwise_acc (P(yes) > 0.5 ⇔ the digit matches), pointwise_rank_acc (P(yes|match) >
   P(yes|other)), pairwise_acc (both orders of each (match, other) pair answered right).
+Augmentation (`reward_model.augment`, data/augment.py): every real digit shown is warped
+  (rotation, zoom, shift), sometimes thickened/thinned or blurred, and noised, so the reward holds
+  on the generator's digits, not only on clean real ones.
 At the end the model is exported to `workdir/reward_model` (rewards/vlm_export.py) for RL.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import jax
@@ -42,6 +46,7 @@ import optax
 from absl import logging
 from flax import nnx
 
+from rewarddance_jax.data import augment as augment_lib
 from rewarddance_jax.data import digits
 from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.data import vlm_rationales
@@ -72,21 +77,18 @@ def corrupt(rng: np.random.Generator, images: np.ndarray, level: np.ndarray) -> 
   return (1.0 - c) * images + c * noise
 
 
-def augment(rng: np.random.Generator, images: np.ndarray) -> np.ndarray:
-  """Shift by up to ±1 pixel and add N(0, 0.05²) noise, clipped to [0, 1]."""
-  out = np.empty_like(images)
-  for i, (dy, dx) in enumerate(rng.integers(-1, 2, size=(len(images), 2))):
-    out[i] = np.roll(images[i], (dy, dx), axis=(0, 1))
-  out = out + rng.normal(0.0, 0.05, out.shape).astype(np.float32)
-  return np.clip(out, 0.0, 1.0)
-
-
 class PairBatches:
   """Deterministic batches: batch k draws from rng(seed, k); state = {'step': k}."""
 
   def __init__(self, images, labels, prompters, *, batch_size: int, seed: int,
-               graded_fraction: float, rationale: bool = False):
+               graded_fraction: float, rationale: bool = False, augment=None):
+    """augment: keyword arguments of `data.augment.digit_augment` (None: its defaults)."""
     self.images, self.labels = images, labels
+    self.augment = dict(augment or {})
+    known = set(inspect.signature(augment_lib.digit_augment).parameters) - {'rng', 'images'}
+    unknown = sorted(set(self.augment) - known)
+    if unknown:
+      raise ValueError(f'reward_model.augment: unknown key(s) {unknown}; known: {sorted(known)}.')
     self.by_label = [np.nonzero(labels == d)[0] for d in range(10)]
     self.prompters, self.b, self.seed = prompters, batch_size, seed
     self.graded = int(round(graded_fraction * batch_size))
@@ -112,12 +114,15 @@ class PairBatches:
   def _pick(self, rng, ds):
     return np.array([rng.choice(self.by_label[d]) for d in ds])
 
+  def _augment(self, rng, images):
+    return augment_lib.digit_augment(rng, images, **self.augment)
+
   def sample(self, rng):
     b = self.b
     d = rng.integers(0, 10, b)
     other = (d + rng.integers(1, 10, b)) % 10
-    w = augment(rng, self.images[self._pick(rng, d)])
-    l = augment(rng, self.images[self._pick(rng, other)])
+    w = self._augment(rng, self.images[self._pick(rng, d)])
+    l = self._augment(rng, self.images[self._pick(rng, other)])
     ce = np.ones(b, np.float32)
     g = self.graded
     if g:  # graded pairs: the same matching digit, less vs more corrupted, BT only
@@ -128,8 +133,8 @@ class PairBatches:
       ce[:g] = 0.0
     dq = rng.integers(0, 10, b)
     oq = (dq + rng.integers(1, 10, b)) % 10
-    match = augment(rng, self.images[self._pick(rng, dq)])
-    nonmatch = augment(rng, self.images[self._pick(rng, oq)])
+    match = self._augment(rng, self.images[self._pick(rng, dq)])
+    nonmatch = self._augment(rng, self.images[self._pick(rng, oq)])
     swap = rng.integers(0, 2, b).astype(bool)          # True: the matching image is image 2
     ref = np.where(swap[:, None, None, None], nonmatch, match)
     gen = np.where(swap[:, None, None, None], match, nonmatch)
@@ -340,7 +345,8 @@ def train(config, workdir: str) -> dict:
   data_iter = PairBatches(np.asarray(train_split['images']), np.asarray(train_split['labels']),
                           prompters, batch_size=int(config.data.batch_size),
                           seed=int(config.seed), graded_fraction=float(rm.graded_fraction),
-                          rationale=bool(rm.get('rationale', False)))
+                          rationale=bool(rm.get('rationale', False)),
+                          augment=dict(rm.get('augment') or {}))
 
   def to_device(batch):
     return sharding_lib.host_to_global(batch, mesh, rules)
