@@ -93,6 +93,7 @@ def test_defaults_are_reproducible_and_in_range():
 def test_pair_batches_reject_an_unknown_augment_key():
   split = digits.load_split('train')
   prompters = {'pointwise': None}
-  with pytest.raises(ValueError, match=r"reward_model.augment: unknown key\(s\) \['rotation'\]"):
+  with pytest.raises(ValueError,
+                     match=r"config.reward_model.augment has unknown key\(s\) \['rotation'\]"):
     vlm_reward.PairBatches(split['images'], split['labels'], prompters, batch_size=4, seed=0,
                            graded_fraction=0.0, augment={'rotation': 10.0})

@@ -46,6 +46,7 @@ import optax
 from absl import logging
 from flax import nnx
 
+from rewarddance_jax.config_lib import check_keys
 from rewarddance_jax.data import augment as augment_lib
 from rewarddance_jax.data import digits
 from rewarddance_jax.data import tokenizer as tokenizer_lib
@@ -85,10 +86,9 @@ class PairBatches:
     """augment: keyword arguments of `data.augment.digit_augment` (None: its defaults)."""
     self.images, self.labels = images, labels
     self.augment = dict(augment or {})
-    known = set(inspect.signature(augment_lib.digit_augment).parameters) - {'rng', 'images'}
-    unknown = sorted(set(self.augment) - known)
-    if unknown:
-      raise ValueError(f'reward_model.augment: unknown key(s) {unknown}; known: {sorted(known)}.')
+    check_keys(self.augment,
+               set(inspect.signature(augment_lib.digit_augment).parameters) - {'rng', 'images'},
+               'config.reward_model.augment')
     self.by_label = [np.nonzero(labels == d)[0] for d in range(10)]
     self.prompters, self.b, self.seed = prompters, batch_size, seed
     self.graded = int(round(graded_fraction * batch_size))
@@ -346,7 +346,7 @@ def train(config, workdir: str) -> dict:
                           prompters, batch_size=int(config.data.batch_size),
                           seed=int(config.seed), graded_fraction=float(rm.graded_fraction),
                           rationale=bool(rm.get('rationale', False)),
-                          augment=dict(rm.get('augment') or {}))
+                          augment=rm.get('augment'))
 
   def to_device(batch):
     return sharding_lib.host_to_global(batch, mesh, rules)
