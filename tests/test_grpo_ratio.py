@@ -1,7 +1,9 @@
 """GRPO acceptance (issue 6): in the first inner update of an iteration the recomputed log-probs
 equal the rollout's bit for bit, so every ratio is 1.0 (fp32), at 1 and at 8 rollout rows per
 update minibatch (rollout batches of 2 and 16, two minibatches, shuffled), and a recomputation
-that sees a slightly wrong x_t (+1e-4) breaks it (the check can fail).
+that sees a slightly wrong x_t (+1e-4) breaks it (the check can fail). The rollout runs the
+generator on the update's minibatches (docs/exactness.md), checked with a velocity that couples
+the rows of each call.
 
 Under `fast_compiles` (XLA CPU optimisations off) the jitted step computes log ρ bitwise 0 yet
 exp(0) comes out as 1 ± 1–2 ulp in some lanes, an artefact of that unoptimised codegen; with the
@@ -10,9 +12,12 @@ and asserts ρ == 1.0 exactly; the batch-2 case (fast compiles) asserts log ρ =
 within 2 ulp of 1."""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from configs.digits import grpo as grpo_config
 from rewarddance_jax.parallel import mesh as mesh_lib
@@ -87,3 +92,36 @@ def test_a_wrong_x_t_in_the_recomputation_is_caught(monkeypatch):
   m = _first_update(16, 4)
   assert len(calls) == 3
   assert m['log_ratio_first_max_abs'] > 1e-6, m['log_ratio_first_max_abs']
+
+
+class _BatchCoupled(nnx.Module):
+  """v = w·x + mean over the call's rows of x: the velocity of a row depends on which rows share
+  its generator call, as a matmul's rounding depends on its row count and a row's place."""
+
+  def __init__(self):
+    self.w = nnx.Param(jnp.full((), 0.5, jnp.float32))
+
+  def __call__(self, x, sigma, cond, guidance=None):
+    del sigma, cond, guidance
+    return self.w[...] * x + jnp.mean(x, axis=0, keepdims=True)
+
+
+@pytest.mark.parametrize('minibatches', [2, 4])
+def test_rollout_runs_the_generator_on_the_update_minibatches(minibatches):
+  """The first minibatch re-scores each transition with exactly the rows the rollout's generator
+  call had: with a batch-coupled velocity any other grouping moves log ρ far from 0."""
+  b, g = 8, 2
+  gcfg = grpo_step.GRPOConfig(group_size=g, num_steps=3, minibatches=minibatches,
+                              selection=timesteps.TimestepSelection(num_steps=3, kind='prefix',
+                                                                    fraction=1.0))
+  graphdef, params = nnx.split(_BatchCoupled())
+  tx = optax.sgd(1e-2)
+  rewards = base.WeightedRewards([(rules.mean_intensity(), 1.0)])
+  fns = grpo_step.make_grpo_functions(graphdef, tx, gcfg, (4, 4, 1), reward_names=rewards.names,
+                                      reward_weights=rewards.weights,
+                                      decode=grpo_trainer.decode_unit)
+  state = {'params': params, 'opt_state': tx.init(params), 'rl': grpo_step.init_rl_state(gcfg, b)}
+  batch = {'tokens': jnp.repeat(jnp.arange(b // g, dtype=jnp.int32)[:, None], g, axis=0)}
+  _, m = jax.jit(fns.step)(state, batch, jax.random.key(3), {'rewards': rewards, 'ref': None})
+  assert float(m['log_ratio_first_max_abs']) <= 1e-6
+  assert float(m['log_ratio_max_abs']) > 1e-4   # the later minibatches moved

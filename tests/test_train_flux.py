@@ -27,6 +27,9 @@ from test_vlm_parity import _hf_model, _save_tokenizer  # noqa: E402
 
 C, L, TXT, POOLED = 4, 5, 24, 20      # latent channels, T5 tokens, T5 width, CLIP pooled width
 PROMPTS = ['a red fox in the snow', 'a lighthouse at dusk', 'two cups of tea']
+# |log ρ| of the first minibatch in float32: half an ulp of msq/(2σ²) (< 4) plus an ulp of each of
+# the two sums after it (< 2), docs/exactness.md; measured 0 or 2^-23 here.
+FIRST_RATIO_BOUND = 2.0 ** -22 + 2.0 ** -23
 
 
 def _randomise(model, seed, scale):
@@ -91,7 +94,9 @@ def test_grpo_trains_flux_from_diffusers_weights_and_resumes_exactly(dirs, tmp_p
   assert [m['step'] for m in straight] == [1, 2, 3]
   for m in straight:
     assert np.isfinite(m['loss']) and m['skipped'] == 0
-    assert m['log_ratio_first_max_abs'] == 0.0          # the first minibatch is on-policy
+    # The first minibatch is on-policy: ρ = 1 up to the bound of docs/exactness.md (the two
+    # programs' fusions may contract the log-prob's last product into its sum differently).
+    assert m['log_ratio_first_max_abs'] <= FIRST_RATIO_BOUND
     assert 0.0 < m['reward_mean'] < 1.0 and m['reward_std'] > 0.0
   assert m['grad_norm'] > 0.0 and m['log_ratio_max_abs'] > 0.0   # the second minibatch moved
   key = lambda ms: {m['step']: (m['loss'], m['reward_mean'], m['grad_norm']) for m in ms}

@@ -14,8 +14,10 @@ Algorithm:
      d. (x_i, x_{i+1}) of the steps in ``keep_steps`` are written into (K, B, ...) buffers, and
         log-prob and σ are kept for them only: memory scales with the trained steps, not with N.
   3. ``transition_log_prob`` re-evaluates the velocity on stored states and scores the stored
-     x_{i+1} with the same step code, so with unchanged params and the same batch shape the GRPO
-     ratio is exactly 1 (§2.3; the DanceGRPO README and DG #57 show what breaks otherwise).
+     x_{i+1} with the same step code, so with unchanged params, the rollout's rows in the rollout's
+     places (a matmul's rounding depends on its row count and on where a row sits) the GRPO ratio
+     is 1 up to how XLA fuses the two programs (§2.3; the DanceGRPO README and DG #57 show what
+     breaks otherwise).
 
 Everything is float32 (stored latents included); the velocity function may compute in bf16.
 """
@@ -181,7 +183,7 @@ def transition_log_prob(velocity_fn: VelocityFn, x: jax.Array, x_next: jax.Array
   """(B,) log-prob of stored transitions x -> x_next under the current velocity (GRPO's logp_new).
 
   ``sigma``/``sigma_next`` are scalars (one stored step) or (B,) arrays (one step per sample).
-  Feed the same batch shape as the rollout for a bit-exact ratio of 1 with unchanged params.
+  Feed the rollout's rows in the rollout's places for a ratio of 1 with unchanged params.
   """
   x = jnp.asarray(x, jnp.float32)
   v = velocity_fn(x, _batch_sigma(sigma, x.shape[0]))

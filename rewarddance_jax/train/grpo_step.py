@@ -12,7 +12,8 @@ shared loop jits once with the state donated. Inside, with nothing going back to
      advantage or reward aggregation (`rl.aggregate`); zero-advantage samples get weight 0. With
      `best_of` = k > 0 only each group's k/2 best and k/2 worst rollouts go on to the update
      (DanceGRPO's training on the extremes, `rl.extremes`).
-  3. Update: the samples are shuffled and split into M minibatches; per minibatch the gradient of
+  3. Update: the samples are shuffled and split into M minibatches (the rollout ran the generator
+     on the same M chunks, see Ratio below); per minibatch the gradient of
      Σ_t L_t/T over its T trained steps is accumulated under `lax.scan` (one forward/backward per
      step in memory), then one optimizer step (M optimizer steps per iteration; DG/FG
      accumulate over samples × steps the same way, §3.4). L_t is the clipped surrogate
@@ -47,10 +48,13 @@ the state: it is never donated, has no optimizer state or EMA, and is not checkp
 run rebuilds it from `config.init.generator` or the seed, bit for bit). The KL reference is the
 base itself (the trainer passes consts['ref'] = consts['base'], no copy).
 
-Ratio: the update recomputes log-probs with the same step code as the rollout (`flow/steps.py`
-is written to round identically in any fusion), so in the first minibatch (params still those
-of the rollout) every log-ratio is exactly 0 and every ρ exactly 1; metrics
-'ratio_first_min/max' and 'log_ratio_first_max_abs' report that minibatch.
+Ratio: the update recomputes log-probs with the same step code as the rollout, and the rollout
+runs the generator on the update's minibatches (`minibatch_perm`): the same rows in the same
+places, so every matmul of the re-score rounds as the rollout's did. In the first minibatch
+(params still those of the rollout) every log-ratio is then 0 and every ρ 1 up to how XLA fuses
+the elementwise code of the two programs (docs/exactness.md); metrics 'ratio_first_min/max' and
+'log_ratio_first_max_abs' report that minibatch. With `best_of` the trained rows are regrouped
+after the rewards, so their matmuls differ and that bound does not apply.
 """
 
 from __future__ import annotations
@@ -212,6 +216,17 @@ def split_keys(key: jax.Array) -> dict:
   return dict(zip(KEY_NAMES, jax.random.split(key, len(KEY_NAMES))))
 
 
+def minibatch_perm(key: jax.Array, rows: int) -> jax.Array:
+  """The shuffle of the update: minibatch c is rows perm[c·rows/M : (c+1)·rows/M], in order.
+
+  The rollout runs the generator on the same chunks, in the same order, so the first minibatch
+  re-scores each transition with the velocity of an identical GEMM: a matmul's rounding depends
+  on its row count and on where a row sits (the kernel's tiling, chosen per shape and CPU), so the
+  same rows in other places or in a bigger batch need not give bitwise the same v.
+  """
+  return jax.random.permutation(key, rows)
+
+
 def identity_params(trainable, consts):
   """Full fine-tuning: the trainable tree is the generator's param tree."""
   del consts
@@ -299,12 +314,29 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
     idx, sde_mask = timesteps.select(sel, keys['select'], b, iteration)
     x_init = rollout_lib.initial_noise(keys['noise'], (b,) + tuple(image_shape), group_size=g,
                                        same_noise=gcfg.same_noise)
-    x_init = _rows(x_init)
-    traj = rollout_lib.rollout(lambda x, s: velocity(params, x, s, cond), x_init, sigmas,
-                               keys['rollout'], kind=kind, noise_level=eta, sde_mask=sde_mask,
-                               keep_steps=range(n - 1))
-    return {'x': traj.x, 'x_next': traj.x_next, 'logp': traj.logp, 'idx': idx,
-            'x0_hat': traj.x0_hat}
+
+    def run(x0, chunk_cond, key):
+      traj = rollout_lib.rollout(lambda x, s: velocity(params, x, s, chunk_cond), _rows(x0),
+                                 sigmas, key, kind=kind, noise_level=eta, sde_mask=sde_mask,
+                                 keep_steps=range(n - 1))
+      return traj.x, traj.x_next, traj.logp, traj.x0_hat
+
+    if gcfg.best_of:   # the trained rows are picked after the rewards: no layout to match
+      x, x_next, logp, x0_hat = run(x_init, cond, keys['rollout'])
+    else:
+      # Row r of chunk c is row r of the update's minibatch c (same permutation): the generator
+      # then sees the same rows in the same places in both programs (see `minibatch_perm`).
+      m = gcfg.minibatches
+      perm = minibatch_perm(keys['shuffle'], b)
+      chunk = lambda a: jnp.take(a, perm, axis=0).reshape((m, b // m) + a.shape[1:])  # pylint: disable=unnecessary-lambda-assignment
+      out = jax.lax.map(lambda xs: run(*xs), (chunk(x_init), jax.tree.map(chunk, cond),
+                                               jax.random.split(keys['rollout'], m)))
+      inverse = jnp.argsort(perm)
+      steps_first = lambda a: jnp.take(  # (m, K, b/m, ...) → (K, B, ...) in batch order  # pylint: disable=unnecessary-lambda-assignment
+          jnp.moveaxis(a, 0, 1).reshape((a.shape[1], b) + a.shape[3:]), inverse, axis=1)
+      x, x_next, logp = (steps_first(a) for a in out[:3])
+      x0_hat = jnp.take(out[3].reshape((b,) + out[3].shape[2:]), inverse, axis=0)
+    return {'x': x, 'x_next': x_next, 'logp': logp, 'idx': idx, 'x0_hat': _rows(x0_hat)}
 
   def score(rewards, ro, batch, key, decoder=None):
     samples = {'latents': ro['x0_hat'], 'pixels': decode(ro['x0_hat'], decoder)}
@@ -411,7 +443,7 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
       raise ValueError(f'the {b} trained rows (best_of={gcfg.best_of} per group) must be '
                        f'divisible by minibatches={gcfg.minibatches}.')
     m = gcfg.minibatches
-    perm = jax.random.permutation(key, b)
+    perm = minibatch_perm(key, b)
 
     def split(a):
       a = jnp.take(a, perm, axis=0)
