@@ -176,8 +176,5 @@ def load(path: str, mesh, sharding_rules, *, cache_dir: str | None = None,
 
 def export(params: dict, cfg: SD3Config, out_dir: str, *, dtype=np.float32,
            sample_size: int = 128, max_shard_bytes: int = 5 * 2**30) -> list[str]:
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump(diffusers_config(cfg, sample_size), f, indent=2)
   return loader.export(params, rules(cfg), out_dir, WEIGHTS_NAME, dtype=dtype,
-                       max_shard_bytes=max_shard_bytes)
+                       max_shard_bytes=max_shard_bytes, config=diffusers_config(cfg, sample_size))
