@@ -1,5 +1,7 @@
 """Mesh construction, logical rules and sharded init (8 fake CPU devices)."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -109,6 +111,20 @@ def test_sharded_abstract_matches_sharded_init_without_running_it():
   again = sharding_lib.sharded_abstract(lambda: Generator(cfg, rngs=nnx.Rngs(7)), mesh, rules,
                                         cache_key=('tiny', cfg))
   assert again[1] is sharding_lib.sharded_abstract(factory, mesh, rules, cache_key=('tiny', cfg))[1]
+
+
+def test_indivisible_dimension_is_replicated_with_a_warning(caplog):
+  """sharded_init of a 97-row table on a (2, 2, 2) mesh: vocab (-> tensor) replicated, embed
+  still on fsdp; the warning names the param, the dimension and the axis."""
+  mesh = mesh_lib.create_mesh(_mesh_cfg((2, 2, 2)))
+  init = nnx.with_partitioning(nnx.initializers.normal(), ('vocab', 'embed'))
+  factory = lambda: nnx.Embed(97, 8, embedding_init=init, rngs=nnx.Rngs(0))
+  with caplog.at_level(logging.WARNING):
+    _, (params,), _ = sharding_lib.sharded_init(factory, mesh, sharding_lib.DEFAULT_RULES)
+  assert params['embedding'].sharding.spec == P(None, 'fsdp')
+  assert params['embedding'].addressable_shards[0].data.shape == (97, 4)
+  assert ("embedding: dimension 0 (vocab, 97) is not divisible by mesh axis 'tensor' (2)"
+          in caplog.text)
 
 
 def test_host_to_global_shards_the_batch():

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from scipy.stats import norm
 
 from rewarddance_jax.models import backbone as backbone_lib
 from rewarddance_jax.models.generator import Generator, generator_config, unpack
@@ -83,6 +84,30 @@ def test_thurstone_family_hand_values():
                              rtol=1e-6)
   with pytest.raises(ValueError, match='nll'):
     thurstone.preference_loss(s_pos, s_neg, sigma, 'nll')
+
+
+@pytest.mark.parametrize('x64', [False, True])
+def test_normal_cdf_and_thurstone_gradient_hold_in_the_lower_tail(x64):
+  """Φ and Φ' at −5, −7, −10 (badly ranked pairs, p < 1e-6) match scipy in float32 and float64,
+  and so does the fidelity loss's gradient in the score gap; every gradient is finite."""
+  x = np.array([-5.0, -7.0, -10.0])
+  with jax.enable_x64(x64):
+    dtype = jnp.float64 if x64 else jnp.float32
+    xs = jnp.asarray(x, dtype)
+    p = thurstone.normal_cdf(xs)
+    dp = jax.vmap(jax.grad(thurstone.normal_cdf))(xs)
+    var = 0.5                                        # thurstone-constant: z = Δ / sqrt(1 + 1e-6)
+    gap = x * math.sqrt(2 * var + 1e-6)
+    loss = lambda s: thurstone.preference_loss(s, jnp.zeros_like(s), jnp.zeros_like(s),
+                                               'thurstone-constant', constant_var=var)
+    dloss = jax.grad(loss)(jnp.asarray(gap, dtype))
+  assert p.dtype == dtype and np.all(np.isfinite(dp)) and np.all(np.isfinite(dloss))
+  np.testing.assert_allclose(p, norm.cdf(x), rtol=1e-4)
+  np.testing.assert_allclose(dp, norm.pdf(x), rtol=1e-4)
+  # L = mean(1 − sqrt(Φ(Δ / s) + 1e-6)): dL/dΔ = −Φ'(Δ / s) / (2·s·sqrt(Φ + 1e-6)) / n.
+  s = math.sqrt(2 * var + 1e-6)
+  want = -norm.pdf(x) / (2 * s * np.sqrt(norm.cdf(x) + 1e-6)) / len(x)
+  np.testing.assert_allclose(dloss, want, rtol=1e-4)
 
 
 def test_pavrm_losses_hand_values():

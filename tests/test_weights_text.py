@@ -1,10 +1,13 @@
 """T5 v1.1 encoder and CLIP text model: transformers parity, and FLUX prompt encoding from a local
 tokenizer directory."""
 
+import logging
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -27,8 +30,8 @@ def _randomise(model, seed):
       p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
 
 
-def _tiny_t5(path):
-  cfg = transformers.T5Config(vocab_size=VOCAB, d_model=80, d_kv=8, d_ff=48, num_layers=2,
+def _tiny_t5(path, vocab=VOCAB):
+  cfg = transformers.T5Config(vocab_size=vocab, d_model=80, d_kv=8, d_ff=48, num_layers=2,
                               num_heads=4, feed_forward_proj='gated-gelu',
                               relative_attention_num_buckets=8, relative_attention_max_distance=20)
   model = transformers.T5EncoderModel(cfg).eval()
@@ -134,3 +137,24 @@ def test_t5_and_clip_match_transformers(tmp_path):
   assert bool(np.all(cond['mask']))
   np.testing.assert_allclose(cond['txt'], txt, atol=1e-4, rtol=0)
   np.testing.assert_allclose(cond['pooled'], pooled, atol=1e-4, rtol=0)
+
+
+def test_t5_vocab_not_divisible_by_tensor_axis_loads_replicated(tmp_path, caplog):
+  """97 tokens on a (1, 2, 2) mesh (vocab -> tensor): the embedding keeps its fsdp split, its
+  vocab dimension is replicated with a warning, and the encoder still matches transformers."""
+  ref = _tiny_t5(tmp_path, vocab=97)
+  mesh = testlib.mesh((1, 2, 2))
+  with caplog.at_level(logging.WARNING):
+    graphdef, params, _ = text_weights.load_t5(str(tmp_path), mesh, DEFAULT_RULES)
+  assert params['embed']['embedding'].sharding.spec == P(None, 'fsdp')
+  assert "embed/embedding: dimension 0 (vocab, 97) is not divisible by mesh axis 'tensor'" in (
+      caplog.text)
+  ids, mask = _ids(2, 12, 3)
+  ids[0, 3] = 96                                         # the last, odd row of the table
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
+    out = run_o0(lambda p, i, m: nnx.merge(graphdef, p)(i, m), params, ids, mask)
+  with torch.no_grad():
+    want = ref(input_ids=torch.from_numpy(ids),
+               attention_mask=torch.from_numpy(mask.astype(np.int64))).last_hidden_state.numpy()
+  valid = mask[..., None]
+  np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, want, 0), atol=1e-4)

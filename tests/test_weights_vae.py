@@ -1,4 +1,7 @@
-"""VAE: encode / decode parity with a tiny random diffusers AutoencoderKL, export identity."""
+"""VAE: encode / decode parity with a tiny random diffusers AutoencoderKL, export identity, and
+the export loads back into diffusers with the same config and outputs."""
+
+import json
 
 import jax
 import numpy as np
@@ -14,19 +17,25 @@ import weights_testlib as testlib  # noqa: E402
 from weights_testlib import run_o0  # noqa: E402
 
 
-def test_vae_matches_diffusers(tmp_path):
+def _tiny_vae(path, **kw):
+  """A random tiny diffusers AutoencoderKL saved to `path` (`kw` overrides its config)."""
   torch.manual_seed(0)
-  ref = diffusers.AutoencoderKL(
+  ref = diffusers.AutoencoderKL(**{**dict(
       in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32),
       down_block_types=('DownEncoderBlock2D',) * 2, up_block_types=('UpDecoderBlock2D',) * 2,
       layers_per_block=1, norm_num_groups=8, scaling_factor=0.3611, shift_factor=0.1159,
-      use_quant_conv=True, use_post_quant_conv=False).eval()
+      use_quant_conv=True, use_post_quant_conv=False), **kw}).eval()
   g = torch.Generator().manual_seed(1)
   with torch.no_grad():
     for name, p in ref.named_parameters():
       base = 1.0 if 'norm' in name and name.endswith('weight') else 0.0
       p.copy_(base + 0.15 * torch.randn(p.shape, generator=g))
-  ref.save_pretrained(str(tmp_path))
+  ref.save_pretrained(str(path))
+  return ref
+
+
+def test_vae_matches_diffusers(tmp_path):
+  ref = _tiny_vae(tmp_path)
 
   mesh = testlib.mesh()
   graphdef, params, cfg = vae_weights.load(str(tmp_path), mesh, DEFAULT_RULES)
@@ -61,3 +70,26 @@ def test_vae_matches_diffusers(tmp_path):
   assert sorted(exported) == sorted(state)
   for k, v in exported.items():
     np.testing.assert_array_equal(v, state[k].numpy(), err_msg=k)
+
+
+def test_vae_export_loads_in_diffusers(tmp_path):
+  """export writes config.json: diffusers `from_pretrained` reads the export with the source's
+  config and gives the source's outputs."""
+  ref = _tiny_vae(tmp_path / 'src', layers_per_block=2, use_quant_conv=False,
+                  use_post_quant_conv=True, mid_block_add_attention=False, sample_size=64,
+                  force_upcast=False, shift_factor=0.0)
+  _, params, cfg = vae_weights.load(str(tmp_path / 'src'), testlib.mesh(), DEFAULT_RULES)
+  vae_weights.export(params, cfg, str(tmp_path / 'out'))
+  back = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / 'out')).eval()
+  plain = lambda c: json.loads(json.dumps({k: v for k, v in c.items() if not k.startswith('_')}))
+  assert plain(back.config) == plain(ref.config)
+
+  x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 24)).astype(np.float32))
+  outs = []
+  with torch.no_grad():
+    for model in (back, ref):
+      post = model.encode(x).latent_dist
+      outs.append([t.numpy() for t in (post.mean, post.logvar, model.decode(post.mean).sample)])
+  for a, b in zip(*outs):
+    assert np.abs(b).max() > 0.1
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)

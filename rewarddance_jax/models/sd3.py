@@ -50,6 +50,8 @@ class SD3Config:
   qk_norm: bool = True
   mlp_ratio: float = 4.0
   timestep_scale: float = 1000.0
+  # A diffusers config field the model does not read, kept so that an export round-trips.
+  sample_size: int = 128
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   remat: str = 'none'

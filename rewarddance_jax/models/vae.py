@@ -38,6 +38,11 @@ class VAEConfig:
   use_quant_conv: bool = False
   use_post_quant_conv: bool = False
   mid_block_add_attention: bool = True
+  # diffusers config fields the model does not read, kept so that an export round-trips.
+  sample_size: int | tuple[int, ...] = 1024
+  force_upcast: bool = True
+  latents_mean: tuple[float, ...] | None = None
+  latents_std: tuple[float, ...] | None = None
   dtype: str = 'float32'
   param_dtype: str = 'float32'
 

@@ -9,18 +9,21 @@ Sharded initialisation (JAX_CONVENTIONS §5.2), as `sharded_init` does it:
   1. Build the module abstractly with `nnx.eval_shape` under `jax.set_mesh(mesh)` and the rules.
   2. Read each Param's logical names and map them through the rules (`logical_to_mesh_axes`), with
      the stacked-layer axis of scanned blocks included; a name that no rule mentions is an error,
-     so a typo in a model or a config never silently replicates a 12B weight.
+     so a typo in a model or a config never silently replicates a 12B weight. A dimension that its
+     mesh axes do not divide (a 97-token vocabulary on tensor=2) is replicated, with a warning.
   3. `jax.jit(init, out_shardings=...)()`: each device materialises only its own shard.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -92,26 +95,43 @@ def param_logical_names(state: nnx.State) -> dict[tuple, tuple]:
   return out
 
 
+def _replicate_indivisible(spec: P, shape: tuple, names: Sequence[str | None], mesh: Mesh,
+                           what: str) -> P:
+  """`spec` with every dimension that its mesh axes do not divide replicated, with a warning."""
+  out = []
+  for dim, (axes, size) in enumerate(zip(spec, shape)):
+    group = axes if isinstance(axes, tuple) else (axes,)
+    if all(isinstance(a, str) for a in group):
+      n = math.prod(mesh.shape[a] for a in group)
+      if size % n:
+        logging.warning('param %s: dimension %d (%s, %d) is not divisible by mesh axis %r (%d); '
+                        'it is replicated.', what, dim, names[dim], size, axes, n)
+        axes = None
+    out.append(axes)
+  return P(*out)
+
+
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules,
                     require_names: bool = True) -> nnx.State:
   """A tree like `state` whose leaves are the NamedShardings its logical names and the rules give.
 
   `require_names`: raise on any Param without logical names (the project rule: every weight
-  carries them). Non-Param variables without names (counters, caches) are replicated.
+  carries them). Non-Param variables without names (counters, caches) are replicated. A dimension
+  that its mesh axes do not divide is replicated, with a warning.
   """
   flat = []
   for path, var in nnx.to_flat_state(state):
     names = var.get_metadata().get('out_sharding')
     shape = np.shape(var.get_value())
+    what = '/'.join(map(str, path))
     if names is None:
       if require_names and isinstance(var, nnx.Param):
-        raise ValueError(f'param {"/".join(map(str, path))} {shape} has no logical axis names.')
+        raise ValueError(f'param {what} {shape} has no logical axis names.')
       spec = P()
     else:
       if len(names) != len(shape):
-        raise ValueError(f'param {"/".join(map(str, path))}: names {names} do not match shape '
-                         f'{shape}.')
-      spec = logical_to_spec(names, rules)
+        raise ValueError(f'param {what}: names {names} do not match shape {shape}.')
+      spec = _replicate_indivisible(logical_to_spec(names, rules), shape, names, mesh, what)
     flat.append((path, var.replace(NamedSharding(mesh, spec))))
   return nnx.from_flat_state(flat)
 

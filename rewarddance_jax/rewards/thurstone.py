@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.scipy.special import ndtr
 
 from rewarddance_jax.flow import matching
 from rewarddance_jax.models.backbone import Backbone, cond_from_batch
@@ -60,7 +60,8 @@ def noise_variance(sigma: jax.Array, k: float = 2.0, sigma_u2: float = 0.05) -> 
 
 
 def normal_cdf(x: jax.Array) -> jax.Array:
-  return 0.5 * (1.0 + jax.lax.erf(x / math.sqrt(2.0)))
+  """Φ(x); `ndtr` keeps its relative accuracy in the lower tail, where ½(1 + erf) cancels to 0."""
+  return ndtr(x)
 
 
 def thurstone_probability(s_pos: jax.Array, s_neg: jax.Array, var: jax.Array) -> jax.Array:

@@ -177,9 +177,6 @@ def load(path: str, mesh, sharding_rules, *, cache_dir: str | None = None,
 def export(params: dict, cfg: GeneratorConfig, out_dir: str, *, dtype=None,
            max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> list[str]:
   """Our generator params → `out_dir/{config.json, diffusion_pytorch_model*.safetensors}`."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump(diffusers_config(cfg), f, indent=2)
   return loader.export(params, rules(cfg.mmdit), out_dir, WEIGHTS_NAME,
                        dtype=dtype or np.float32, max_shard_bytes=max_shard_bytes,
-                       progress=progress)
+                       progress=progress, config=diffusers_config(cfg))

@@ -11,7 +11,8 @@ Import (`load`):
      tensor (one fused target while its parts arrive, `Rule.dst_part`) and the device never holds
      two copies of a param.
 Export (`export`) runs the rules backwards: param (layer) → host → inverse transform → source key,
-re-assembling split source tensors, and writes (sharded) safetensors with an index json.
+re-assembling split source tensors, and writes (sharded) safetensors with an index json, and the
+family's config.json when given one.
 
 Trees are pure nested dicts (`nnx.to_pure_dict`), keys str or int; abstract trees hold
 `jax.ShapeDtypeStruct`s with a sharding (see `abstract_params`).
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -223,8 +226,14 @@ def export_tensors(params: dict, rules: Sequence[Rule], dtype=np.float32):
 
 
 def export(params: dict, rules: Sequence[Rule], out_dir: str, name: str, *, dtype=np.float32,
-           max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> list[str]:
-  """Writes `params` in the source layout of `rules` under `out_dir/name[-i-of-n].safetensors`."""
+           max_shard_bytes: int = 5 * 2**30, progress: bool = False,
+           config: dict | None = None) -> list[str]:
+  """Writes `params` in the source layout of `rules` under `out_dir/name[-i-of-n].safetensors`,
+  and `config` (a diffusers / transformers config dict) as `out_dir/config.json`."""
+  if config is not None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+      json.dump(config, f, indent=2)
   n = len({r.src for r in rules})
   tensors = tqdm(export_tensors(params, rules, dtype), total=n, desc=f'export {name}',
                  unit='tensor', disable=not progress)

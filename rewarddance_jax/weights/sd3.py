@@ -131,11 +131,13 @@ def sd3_config(diffusers_cfg: dict, **overrides) -> SD3Config:
       pooled_dim=c.get('pooled_projection_dim', 2048),
       pos_embed_max_size=c.get('pos_embed_max_size', 96),
       dual_attention_layers=tuple(c.get('dual_attention_layers', ())), qk_norm=qk == 'rms_norm',
-      **overrides)
+      sample_size=c.get('sample_size', 128), **overrides)
 
 
-def diffusers_config(cfg: SD3Config, sample_size: int = 128) -> dict:
-  return {'_class_name': CLASS_NAME, '_diffusers_version': '0.42.1', 'sample_size': sample_size,
+def diffusers_config(cfg: SD3Config) -> dict:
+  """The SD3Transformer2DModel config.json dict for our config (the inverse of `sd3_config`)."""
+  return {'_class_name': CLASS_NAME, '_diffusers_version': '0.42.1',
+          'sample_size': cfg.sample_size,
           'patch_size': cfg.patch_size, 'in_channels': cfg.latent_channels,
           'num_layers': cfg.depth, 'attention_head_dim': cfg.head_dim,
           'num_attention_heads': cfg.num_heads, 'joint_attention_dim': cfg.context_dim,
@@ -175,9 +177,7 @@ def load(path: str, mesh, sharding_rules, *, cache_dir: str | None = None,
 
 
 def export(params: dict, cfg: SD3Config, out_dir: str, *, dtype=np.float32,
-           sample_size: int = 128, max_shard_bytes: int = 5 * 2**30) -> list[str]:
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump(diffusers_config(cfg, sample_size), f, indent=2)
+           max_shard_bytes: int = 5 * 2**30) -> list[str]:
+  """Our SD3 params → `out_dir/{config.json, diffusion_pytorch_model*.safetensors}`."""
   return loader.export(params, rules(cfg), out_dir, WEIGHTS_NAME, dtype=dtype,
-                       max_shard_bytes=max_shard_bytes)
+                       max_shard_bytes=max_shard_bytes, config=diffusers_config(cfg))

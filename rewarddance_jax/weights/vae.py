@@ -92,6 +92,14 @@ def rules(cfg: VAEConfig, prefix: tuple = ()) -> list[Rule]:
   return out
 
 
+def _tuple(x):
+  return tuple(x) if isinstance(x, (list, tuple)) else x
+
+
+def _list(x):
+  return list(x) if isinstance(x, tuple) else x
+
+
 def vae_config(diffusers_cfg: dict, **overrides) -> VAEConfig:
   """Our VAEConfig from an AutoencoderKL config.json dict (+ dtype overrides)."""
   c = dict(diffusers_cfg)
@@ -113,7 +121,27 @@ def vae_config(diffusers_cfg: dict, **overrides) -> VAEConfig:
       shift_factor=float(c.get('shift_factor') or 0.0),
       use_quant_conv=bool(c.get('use_quant_conv', True)),
       use_post_quant_conv=bool(c.get('use_post_quant_conv', True)),
-      mid_block_add_attention=bool(c.get('mid_block_add_attention', True)), **overrides)
+      mid_block_add_attention=bool(c.get('mid_block_add_attention', True)),
+      sample_size=_tuple(c.get('sample_size', 32)), force_upcast=bool(c.get('force_upcast', True)),
+      latents_mean=_tuple(c.get('latents_mean')), latents_std=_tuple(c.get('latents_std')),
+      **overrides)
+
+
+def diffusers_config(cfg: VAEConfig) -> dict:
+  """The AutoencoderKL config.json dict for our config (the inverse of `vae_config`)."""
+  n = len(cfg.block_out_channels)
+  return {'_class_name': CLASS_NAME, '_diffusers_version': '0.42.1',
+          'in_channels': cfg.in_channels, 'out_channels': cfg.out_channels,
+          'down_block_types': ['DownEncoderBlock2D'] * n,
+          'up_block_types': ['UpDecoderBlock2D'] * n,
+          'block_out_channels': list(cfg.block_out_channels),
+          'layers_per_block': cfg.layers_per_block, 'act_fn': 'silu',
+          'latent_channels': cfg.latent_channels, 'norm_num_groups': cfg.norm_num_groups,
+          'sample_size': _list(cfg.sample_size), 'scaling_factor': cfg.scaling_factor,
+          'shift_factor': cfg.shift_factor, 'latents_mean': _list(cfg.latents_mean),
+          'latents_std': _list(cfg.latents_std), 'force_upcast': cfg.force_upcast,
+          'use_quant_conv': cfg.use_quant_conv, 'use_post_quant_conv': cfg.use_post_quant_conv,
+          'mid_block_add_attention': cfg.mid_block_add_attention}
 
 
 def model_dir(path: str) -> str:
@@ -138,4 +166,6 @@ def load(path: str, mesh, sharding_rules, *, cache_dir: str | None = None,
 
 
 def export(params: dict, cfg: VAEConfig, out_dir: str, *, dtype=np.float32) -> list[str]:
-  return loader.export(params, rules(cfg), out_dir, WEIGHTS_NAME, dtype=dtype)
+  """Our VAE params → `out_dir/{config.json, diffusion_pytorch_model.safetensors}`."""
+  return loader.export(params, rules(cfg), out_dir, WEIGHTS_NAME, dtype=dtype,
+                       config=diffusers_config(cfg))
