@@ -8,10 +8,9 @@ pytrees (`params`, `opt_state`, optional `ema`, ...), the state's shardings, a d
      Inside the jitted program the loop then checks the returned state (one scalar, `all_finite`);
      if it holds a NaN or an infinity the old state is kept (bitwise) and `skipped` is 1, whatever
      the trainer's own check saw (Adam with eps = 0 turns finite gradients into NaN params).
-     With a `step_key` the jitted step is kept (the last
-     `STEP_CACHE_SIZE` keys): a trainer run again in the same process with the same key (a
-     resume, a pipeline re-run) reuses the traced, lowered and compiled step instead of
-     repeating seconds of tracing and lowering;
+     With a `step_key` the jitted step is kept (the last `STEP_CACHE_SIZE` keys): a trainer run
+     again in the same process with the same key (a resume, a pipeline re-run) reuses the traced,
+     lowered and compiled step instead of repeating seconds of tracing and lowering;
   2. resumes from the newest checkpoint in `workdir/checkpoints` if there is one: state (onto the
      current mesh, whatever mesh saved it), the step, the base key and the data-iterator state,
      so a resumed run continues the same key stream and batches (bitwise-identical losses).
