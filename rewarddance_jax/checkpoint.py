@@ -8,7 +8,9 @@ Orbax stays behind this module (JAX_CONVENTIONS.md §7), so the later move to th
 2. `save(step, arrays=..., json=...)` writes one Orbax item per entry: array pytrees
    (`params`, `opt_state`, `meta`, ...) with `ocp.args.StandardSave`, JSON-able dicts
    (`data_iter`, `config`, ...) with `ocp.args.JsonSave`. A save that starts while an
-   earlier async save is still writing waits for it first (Orbax does this itself).
+   earlier async save is still writing waits for it first (Orbax does this itself). It first
+   refuses (ValueError naming the item and key paths, nothing written) any float leaf holding
+   a NaN or an infinity: one jitted call checks every device array, NumPy checks host ones.
 3. `restore(step, arrays=..., json=...)` first checks the step directory on its own: the
    commit marker, one folder per requested item, and the saved tree against the target
    (key paths and shapes), so a broken or mismatched checkpoint gives a one-line error that
@@ -26,6 +28,7 @@ Orbax's `max_to_keep` pruning of old steps after a successful save.
 
 from __future__ import annotations
 
+import functools
 import json as json_lib
 import logging
 import os
@@ -33,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -119,6 +123,42 @@ def _copy_host_leaf(leaf: Any) -> Any:
   # caller may keep mutating its buffers. `jax.Array`s are copied to host by Orbax itself
   # before `save` returns.
   return np.array(leaf, copy=True) if isinstance(leaf, np.ndarray) else leaf
+
+
+@functools.lru_cache(maxsize=None)
+def _finite_per_leaf(out_sharding: jax.sharding.Sharding | None):
+  """Jitted `leaves -> bool per leaf (all finite)`, its result in `out_sharding`."""
+  return jax.jit(lambda leaves: jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]),
+                 out_shardings=out_sharding)
+
+
+def _nonfinite_paths(arrays: Mapping[str, PyTree]) -> list[str]:
+  """`item/key/path` of every float leaf of `arrays` that holds a NaN or an infinity. Device
+  arrays are checked where they live, one jitted call per mesh (or device set; one bool per
+  leaf comes back), host values with NumPy."""
+  flat = [(f"{name}/{_path_str(path)}", leaf) for name, tree in arrays.items()
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  bad, groups = [], {}
+  for path, leaf in flat:
+    if not isinstance(leaf, jax.Array):
+      leaf = np.asarray(leaf)
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+      continue
+    if isinstance(leaf, jax.Array):
+      sharding = leaf.sharding
+      where = sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else (
+          frozenset(sharding.device_set))
+      groups.setdefault(where, []).append((path, leaf))
+    elif not np.isfinite(leaf).all():
+      bad.append(path)
+  for group in groups.values():
+    sharding = group[0][1].sharding
+    # Replicated over the leaves' mesh, so every host reads the whole answer locally.
+    replicated = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+                  if isinstance(sharding, jax.sharding.NamedSharding) else None)
+    ok = np.asarray(_finite_per_leaf(replicated)([x for _, x in group]).addressable_data(0))
+    bad += [p for (p, _), good in zip(group, ok) if not good]
+  return sorted(bad)
 
 
 class Checkpointer:
@@ -211,6 +251,12 @@ class Checkpointer:
       raise ValueError(f"item names used both as arrays and json: {clash}")
     if not arrays and not json:
       raise ValueError("save() needs at least one item")
+    bad = _nonfinite_paths(arrays)
+    if bad:
+      raise ValueError(
+          f"refusing to save checkpoint {self.step_directory(step)}: non-finite values (NaN or "
+          f"inf) in {_list_paths(bad)}"
+      )
     items: dict[str, ocp.args.CheckpointArgs] = {}
     for name, tree in arrays.items():
       items[name] = ocp.args.StandardSave(jax.tree.map(_copy_host_leaf, tree))

@@ -2,7 +2,8 @@
 
 1. `MetricWriter(workdir)` appends one JSON object per `write_scalars` call to
    `workdir/metrics.jsonl` (flushed each time, so a killed run keeps every line it wrote) and
-   mirrors the scalars, and images from `write_images`, to TensorBoard under `workdir/tb`.
+   mirrors the scalars, and images from `write_images`, to TensorBoard under `workdir/tb`;
+   `write_text` logs one string (a line `{"step": s, name: text}` and a TensorBoard text).
    Only process 0 writes in a multi-host run.
 2. On resume it appends to the same file; `truncate_after(step)` first drops the lines of
    steps the resumed run will redo, and tells TensorBoard to hide its old events from then on.
@@ -161,6 +162,17 @@ class MetricWriter:
     if self._tb is not None:
       for name, value in values.items():
         self._tb.add_scalar(name, value, global_step=int(step))
+
+  def write_text(self, step: int, name: str, text: str) -> None:
+    """Appends `{"step": step, name: text}` as one line and logs it as TensorBoard text."""
+    if not self._active:
+      return
+    if self._file is None:
+      raise RuntimeError(f"MetricWriter for {self._workdir} is closed")
+    self._file.write(json.dumps({"step": int(step), str(name): str(text)}) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      self._tb.add_text(str(name), str(text), global_step=int(step))
 
   def write_images(self, step: int, name: str, image: Any) -> None:
     """Logs one uint8 image of shape (H, W, C) with C in {1, 3, 4}, or (H, W), to TensorBoard."""

@@ -9,6 +9,8 @@
 4. Broken checkpoints (missing item folder, garbage data, missing commit marker) and targets
    that do not match give one-line errors naming the step directory, item and key paths,
    and leave every file on disk.
+5. A state with a NaN or an infinity (sharded device arrays or host arrays) is refused with a
+   one-line error naming the key paths, and nothing is written.
 """
 
 import shutil
@@ -356,3 +358,19 @@ def test_structure_mismatch_names_key_paths(state, saved):
     # A params tree used as an opt_state target: the paths show the Optax structure.
     with pytest.raises(ValueError, match=r"1/0/mu/w1"):
       ckpt.restore(2, arrays={"opt_state": abstract_like(params)})
+
+
+def test_save_refuses_non_finite_leaves(state, tmp_path):
+  params, opt_state, meta = state
+  bad = dict(params, w1=params["w1"].at[5, 3].set(jnp.nan))   # sharded over (fsdp, tensor)
+  assert bad["w1"].sharding == params["w1"].sharding
+  host = dict(meta, ema=dict(meta["ema"], b2=np.full(8, np.inf, np.float32)))
+  directory = tmp_path / "nan"
+  with Checkpointer(directory, async_save=False) as ckpt:
+    with pytest.raises(ValueError) as excinfo:
+      ckpt.save(1, arrays={"params": bad, "opt_state": opt_state, "meta": host})
+    _assert_one_line(excinfo, str(directory / "1"), "meta/ema/b2, params/w1")
+    assert "b1" not in str(excinfo.value)
+    assert ckpt.all_steps() == [] and not (directory / "1").exists()
+    assert ckpt.save(1, arrays={"params": params, "opt_state": opt_state, "meta": meta})
+    assert ckpt.all_steps() == [1]

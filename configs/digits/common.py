@@ -6,13 +6,15 @@ from rewarddance_jax.parallel.sharding import DEFAULT_RULES
 
 def add_runtime(c, *, samples_every: int, ckpt_every: int, runlocal: bool):
   """Sets c.sampler (20-step Euler for the judge's samples), c.samples, c.mesh (all devices on
-  fsdp), c.sharding_rules and c.ckpt; `runlocal` shrinks them for smoke runs."""
+  fsdp), c.sharding_rules, c.ckpt and c.resume_with_changes; `runlocal` shrinks them for smoke
+  runs."""
   c.sampler = dict(kind='ode', schedule='linear', num_steps=4 if runlocal else 20, shift=1.0,
                    noise_level=0.0)
   c.samples = dict(every=samples_every, per_class=2 if runlocal else 10)
   c.mesh = dict(axes=('data', 'fsdp', 'tensor'), ici=(1, -1, 1), dcn=(1, 1, 1), num_devices=0)
   c.sharding_rules = DEFAULT_RULES
   c.ckpt = dict(every=ckpt_every, keep=2, async_save=True)
+  c.resume_with_changes = False   # True: a resume may change keys other than the loop's
   return c
 
 

@@ -33,6 +33,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.trainer = 'pipeline'
   c.seed = arg.seed
+  c.resume_with_changes = False   # passed to every stage (a resume with a changed config)
   no_samples = {'samples': {'every': 0}}
   c.order = ('base', 'reward_vlm', 'reward_thurstone', 'reward_process', 'grpo_vlm',
              'grpo_thurstone', 'prfl', 'refl', 'r0')

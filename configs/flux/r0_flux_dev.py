@@ -45,4 +45,5 @@ def get_config(arg=None):
   c.mesh = dict(axes=('data', 'fsdp', 'tensor'), ici=(1, -1, 1), dcn=(1, 1, 1), num_devices=0)
   c.sharding_rules = DEFAULT_RULES
   c.ckpt = dict(every=50, keep=2, async_save=True)
+  c.resume_with_changes = False
   return c

@@ -173,16 +173,13 @@ def policy_state(params, pshard, tx, mesh, ema_decay: float) -> tuple[dict, dict
   return state, shardings
 
 
-# Config entries that steer the loop, its hooks and checkpoints, never the step function.
-LOOP_ONLY_KEYS = ('total_steps', 'log_every', 'max_nonfinite', 'ckpt', 'samples', 'eval')
-
-
 def step_cache_key(config, mesh) -> tuple:
-  """(trainer config without LOOP_ONLY_KEYS as canonical JSON, mesh): equal keys mean equal step
-  functions, because every trainer builds its step closure from the config alone (graphdefs,
-  optimizer, static settings); the arrays a step reads (params, rewards, references, a VAE) come
-  in as state or consts, never as captured constants. Paths in the config are part of the key,
-  so a run that loads other files gets its own step."""
+  """(trainer config without `loop.LOOP_ONLY_KEYS` as canonical JSON, mesh): equal keys mean
+  equal step functions, because every trainer builds its step closure from the config alone
+  (graphdefs, optimizer, static settings); the arrays a step reads (params, rewards, references,
+  a VAE) come in as state or consts, never as captured constants. Paths in the config are part
+  of the key, so a run that loads other files gets its own step."""
+  from rewarddance_jax.train.loop import LOOP_ONLY_KEYS  # pylint: disable=import-outside-toplevel
   cfg = {k: v for k, v in config.to_dict().items() if k not in LOOP_ONLY_KEYS}
   return json.dumps(cfg, sort_keys=True, default=repr), mesh
 

@@ -5,17 +5,25 @@ pytrees (`params`, `opt_state`, optional `ema`, ...), the state's shardings, a d
 `get_state`/`set_state`, and hooks (sampling, evaluation). The loop:
   1. jits the step once with in/out shardings and the state donated; the step's `metrics` must
      include `loss` and `skipped` (1 when the update was dropped for a non-finite loss/grad).
+     Inside the jitted program the loop then checks the returned state (one scalar, `all_finite`);
+     if it holds a NaN or an infinity the old state is kept (bitwise) and `skipped` is 1, whatever
+     the trainer's own check saw (Adam with eps = 0 turns finite gradients into NaN params).
      With a `step_key` the jitted step is kept (the last `STEP_CACHE_SIZE` keys): a trainer run
      again in the same process with the same key (a resume, a pipeline re-run) reuses the traced,
      lowered and compiled step instead of repeating seconds of tracing and lowering;
   2. resumes from the newest checkpoint in `workdir/checkpoints` if there is one: state (onto the
      current mesh, whatever mesh saved it), the step, the base key and the data-iterator state,
-     so a resumed run continues the same key stream and batches (bitwise-identical losses);
+     so a resumed run continues the same key stream and batches (bitwise-identical losses).
+     First it compares the config saved with that checkpoint to the current one, leaving out
+     LOOP_ONLY_KEYS and LAYOUT_KEYS: a changed entry is refused with a one-line ValueError that
+     lists each as `a.b: old -> new`, unless `resume_with_changes` (then it is logged and written
+     to the metrics log as a `config_changes` line; later checkpoints hold the new config);
   3. per step: next host batch → global arrays → step with key fold_in(base_key, step);
   4. every `log_every` steps: metrics to JSONL/TensorBoard and the progress bar (ETA);
-  5. halts with a clear error after `max_nonfinite` consecutive skipped steps;
-  6. checkpoints every `ckpt_every` steps and at the end (async); on SIGTERM it saves at the next
-     step boundary and returns cleanly;
+  5. halts with a one-line error naming the newest checkpoint after `max_nonfinite` consecutive
+     skipped steps; every checkpoint is finite (1, and `Checkpointer.save` refuses otherwise);
+  6. checkpoints every `ckpt_every` steps and at the end (async), keeping the newest `keep` (so
+     always the last); on SIGTERM it saves at the next step boundary and returns cleanly;
   7. runs each hook `(every, fn(state, step))` when `step % every == 0` and at the end.
 """
 
@@ -24,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import json
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -68,8 +77,19 @@ class NonFiniteError(RuntimeError):
   """Raised after too many consecutive non-finite steps."""
 
 
+# Config entries that steer the loop, its hooks and checkpoints, never the step function: left
+# out of `common.step_cache_key`, and free to change on a resume.
+LOOP_ONLY_KEYS = ('total_steps', 'log_every', 'max_nonfinite', 'ckpt', 'samples', 'eval',
+                  'resume_with_changes')
+# Entries that shape the compiled step but not its math (where arrays live): a resume may change
+# them too, since the state restores onto any mesh.
+LAYOUT_KEYS = ('mesh', 'sharding_rules')
+
+
 @dataclasses.dataclass
 class LoopConfig:
+  """The loop's settings; each count must be an integer >= 1 (a one-line error names the config
+  key of a bad one, see `CONFIG_KEYS`)."""
   total_steps: int
   log_every: int = 50
   ckpt_every: int = 500
@@ -78,16 +98,69 @@ class LoopConfig:
   max_nonfinite: int = 10
   progress: bool = True
   desc: str = 'train'
+  resume_with_changes: bool = False
+
+  CONFIG_KEYS = {'total_steps': 'total_steps', 'log_every': 'log_every',
+                 'ckpt_every': 'ckpt.every', 'keep': 'ckpt.keep', 'max_nonfinite': 'max_nonfinite'}
+
+  def __post_init__(self):
+    for name, key in self.CONFIG_KEYS.items():
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f'config.{key}={value!r} must be an integer >= 1.')
 
   @classmethod
   def from_config(cls, config, **overrides) -> 'LoopConfig':
     ck = config.get('ckpt', {})
-    kw = dict(total_steps=int(config.total_steps), log_every=int(config.get('log_every', 50)),
-              ckpt_every=int(ck.get('every', 500)), keep=int(ck.get('keep', 3)),
+    kw = dict(total_steps=config.total_steps, log_every=config.get('log_every', 50),
+              ckpt_every=ck.get('every', 500), keep=ck.get('keep', 3),
               async_save=bool(ck.get('async_save', True)),
-              max_nonfinite=int(config.get('max_nonfinite', 10)))
+              max_nonfinite=config.get('max_nonfinite', 10),
+              resume_with_changes=bool(config.get('resume_with_changes', False)))
     kw.update(overrides)
     return cls(**kw)
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+  """`a.b: old -> new` for each entry of two config dicts that differs, in key order, leaving out
+  LOOP_ONLY_KEYS and LAYOUT_KEYS. Values compare as canonical JSON text (a tuple equals its list,
+  NaN equals NaN, as they round-trip through a checkpoint); a missing entry shows as <absent>."""
+  def flat(tree: dict, prefix: str = '') -> dict:
+    out = {}
+    for k, v in tree.items():
+      if prefix or k not in LOOP_ONLY_KEYS + LAYOUT_KEYS:
+        if isinstance(v, dict) and v:
+          out.update(flat(v, f'{prefix}{k}.'))
+        else:
+          out[f'{prefix}{k}'] = json.dumps(v, sort_keys=True, default=repr)
+    return out
+  old, new = flat(saved), flat(current)
+  return [f'{k}: {old.get(k, "<absent>")} -> {new.get(k, "<absent>")}'
+          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True iff every float leaf of `tree` is finite. One scalar: the global norm of the leaves
+  scaled by 2**-64 (exact), NaN or inf iff an entry is, unless the entries come within a few
+  decades of the float maximum (unscaled, Adam's second moments above 1e19 would overflow it).
+  The norm's sqrt matters: XLA copies cheap scalar chains into every leaf's select fusion, not
+  an expensive op; without it (a squared norm, a count of non-finite entries, a sum of |x|) the
+  digits step's compile time doubled (measured)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.isfinite(optax.tree.norm([x * 2.0**-64 for x in leaves]))
+
+
+def guard_step(step_fn: StepFn) -> StepFn:
+  """`step_fn` that keeps the old state (bitwise) and reports `skipped` = 1 when the state it
+  returns holds a NaN or an infinity (`all_finite`)."""
+  def guarded(state, batch, key, *consts):
+    new, metrics = step_fn(state, batch, key, *consts)
+    ok = all_finite(new)
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+    skipped = jnp.maximum(jnp.asarray(metrics.get('skipped', 0), jnp.int32),
+                          (~ok).astype(jnp.int32))
+    return new, {**metrics, 'skipped': skipped}
+  return guarded
 
 
 def finite_or_skip(state: dict, new_state: dict, loss: jax.Array, grads: Any) -> tuple[dict,
@@ -102,6 +175,22 @@ def finite_or_skip(state: dict, new_state: dict, loss: jax.Array, grads: Any) ->
   ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
   chosen = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
   return chosen, (~ok).astype(jnp.int32)
+
+
+def _changed_config(ckpt: ckpt_lib.Checkpointer, step: int, config_json: dict | None,
+                    loop: LoopConfig) -> str:
+  """The `config_changes` from the config checkpoint `step` was saved with to `config_json`, as
+  one line ('' when either is empty or none is saved); raises unless `loop.resume_with_changes`."""
+  step_dir = ckpt.step_directory(step)
+  if not config_json or not (step_dir / 'config').is_dir():
+    return ''
+  saved = ckpt.restore(step, json=('config',))['config']
+  changes = '; '.join(config_changes(saved, config_json)) if saved else ''
+  if changes and not loop.resume_with_changes:
+    raise ValueError(f'the config differs from the one {step_dir} was saved with: {changes}; '
+                     'set --config.resume_with_changes=True to resume with the new values, or '
+                     'start in a new workdir.')
+  return changes
 
 
 class _Sigterm:
@@ -150,11 +239,16 @@ def run(*, workdir: str, loop: LoopConfig, state: dict, state_shardings: dict, s
   context = context or contextlib.nullcontext
   ckpt = ckpt_lib.Checkpointer(f'{workdir}/checkpoints', max_to_keep=loop.keep,
                                async_save=loop.async_save)
+  latest = ckpt.latest_step()
+  try:
+    changes = '' if latest is None else _changed_config(ckpt, latest, config_json, loop)
+  except BaseException:
+    ckpt.close()
+    raise
   writer = metrics_lib.MetricWriter(workdir)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   key_data = jax.random.key_data(key)
   start = 0
-  latest = ckpt.latest_step()
   if latest is not None:
     targets = {k: ckpt_lib.abstract_like(v, state_shardings[k]) for k, v in state.items()}
     targets['meta'] = ckpt_lib.abstract_like(
@@ -166,13 +260,16 @@ def run(*, workdir: str, loop: LoopConfig, state: dict, state_shardings: dict, s
     data_iter.set_state(restored['data_iter'])
     writer.truncate_after(start)
     logging.info('Resumed from %s at step %d.', ckpt.step_directory(latest), start)
+    if changes:
+      logging.warning('Resuming with a changed config (resume_with_changes): %s', changes)
+      writer.write_text(start, 'config_changes', changes)
 
   if step_key is not None:
     leaves, treedef = jax.tree.flatten(state_shardings)
     step_key = (step_key, treedef, tuple(leaves), consts is None)
   extra = () if consts is None else (None,)
   jitted = _jit_step(step_key, lambda: jax.jit(
-      step_fn, in_shardings=(state_shardings, None, None) + extra,
+      guard_step(step_fn), in_shardings=(state_shardings, None, None) + extra,
       out_shardings=(state_shardings, None), donate_argnums=(0,)))
   if consts is not None:
     with_consts = jitted
@@ -193,10 +290,12 @@ def run(*, workdir: str, loop: LoopConfig, state: dict, state_shardings: dict, s
     m = _to_python(m)
     nonfinite_run = nonfinite_run + 1 if m.get('skipped', 0) else 0
     if nonfinite_run >= loop.max_nonfinite:
+      good = ckpt.latest_step()
+      good = 'none was written' if good is None else str(ckpt.step_directory(good))
       raise NonFiniteError(
-          f'halting at step {step}: {nonfinite_run} consecutive non-finite losses/grads '
-          f'(max_nonfinite={loop.max_nonfinite}); the newest checkpoint is step '
-          f'{ckpt.latest_step()} in {workdir}/checkpoints.')
+          f'halting at step {step}: {nonfinite_run} consecutive non-finite steps (loss, '
+          f'gradient or updated state; each skipped, max_nonfinite={loop.max_nonfinite}); the '
+          f'last good checkpoint: {good}.')
     if step % loop.log_every == 0 or step == loop.total_steps:
       m['steps_per_s'] = (step - start) / max(time.time() - t0, 1e-9)
       writer.write_scalars(step, m)

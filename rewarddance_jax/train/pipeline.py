@@ -7,7 +7,8 @@
   overrides  a nested dict merged into the stage config after it is built (placeholders allowed);
   replace    sections set wholesale (e.g. `rewards`), also with placeholders;
   needs      optional list of stages that must have run (checked before anything starts).
-Each stage runs its own trainer in `WORKDIR/<name>` with `config.seed + offset`. A finished stage
+Each stage runs its own trainer in `WORKDIR/<name>` with `config.seed + offset` (and the
+pipeline's `resume_with_changes`). A finished stage
 leaves `DONE.json` (wall time, trainer result) and is skipped on the next run; an interrupted one
 resumes from its own checkpoints, so re-running the command picks up where it stopped. A stage
 stopped by SIGTERM (its trainer saves a checkpoint and returns before its last step) stops the
@@ -107,6 +108,7 @@ def run_stages(config, workdir: str) -> dict[str, dict] | None:
                    records[name]['seconds'])
       continue
     cfg = stage_config(config.stages[name], dirs, int(config.seed) + index)
+    cfg.resume_with_changes = bool(config.get('resume_with_changes', False))
     logging.info('[%d/%d] %s: trainer %s in %s', index + 1, len(names), name, cfg.trainer,
                  directory)
     print(f'== [{index + 1}/{len(names)}] {name} ({cfg.trainer})', flush=True)
