@@ -1,4 +1,4 @@
-"""ReFL alignment of the digits generator (RewardDance's RL stage, ALGORITHMS.md §4.5, §9 #18).
+"""ReFL alignment of the digits generator (RewardDance's RL stage, docs/algorithms.md §7, §10 #18).
 
 Launch (after pretraining a base with configs/digits/flow.py):
   python -m launch.train --config=configs/digits/refl.py:init=/tmp/digits_flow --workdir=/tmp/refl

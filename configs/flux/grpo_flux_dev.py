@@ -32,7 +32,7 @@ prompts=/data/flux_prompts,reward=thurstone,reward_path=/runs/lrm --workdir=/run
      so both attention lengths are multiples of 128 and the TPU flash-attention kernel applies
      (`nn/attention.py` 'auto'); 2025 + 512 = 2537 would fall back to XLA attention with a
      materialised L² score matrix. res=1024: 128×128 latent, 4096 + 512 = 4608 = 36·128 tokens.
-  3. GRPO (DanceGRPO FLUX settings, ALGORITHMS.md §3.7): G = 12, 16 prompts per iteration
+  3. GRPO (DanceGRPO FLUX settings, docs/algorithms.md §3.7): G = 12, 16 prompts per iteration
      (B = 192 rollouts), 16 'dance' SDE steps (η = 0.3, shift 3), 60% of the 15 trainable steps
      trained per sample, M = 3 minibatches (64 rollouts: one per chip on a 64-chip slice),
      guidance 3.5 (FLUX.1-dev's distilled guidance input), clip 1e-4.

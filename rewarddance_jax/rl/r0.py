@@ -1,6 +1,6 @@
-"""R0: regularised reward maximisation of a few-step generator (ALGORITHMS.md §7, arXiv 2503.13070).
+"""R0: regularised reward maximisation of a few-step generator (docs/algorithms.md §8).
 
-Objective (inferred, §7): max_θ E_{z,c}[Σ_k w_k·R_k(g_θ(z, c, η), c)] − λ·‖θ − θ0‖².
+Objective (arXiv 2503.13070, inferred): max_θ E_{z,c}[Σ_k w_k·R_k(g_θ(z, c, η), c)] − λ·‖θ − θ0‖².
 
 Per-reward gradient normalisation (R0 v1 Fig. 8): each reward's image-space gradient is divided
 by its norm before the weighted sum, so no single reward dominates:

@@ -1,6 +1,6 @@
 """RewardDance reward-model training on the digits (`trainer: vlm_reward`), on the shared loop.
 
-One VLM learns both uses (ALGORITHMS.md §4.3):
+One VLM learns both uses (docs/algorithms.md §4.3):
   1. pointwise: prompt "does this image show <digit prompt> ?"; pairs (x_w matching the prompt,
      x_l another digit); loss = −log σ(s_w − s_l) + λ·[CE(yes | x_w) + CE(no | x_l)],
      s = log P(yes). A fraction `graded_fraction` of the pairs are the same matching digit at two
