@@ -1,6 +1,6 @@
 """GPU benchmark of our FLUX-architecture generator: forward, train step and one GRPO iteration.
 
-Same configs as ../shared/bench/peer_torch_flux.py (run both in one device call and compare ratios):
+Same configs as the PyTorch/diffusers peer that bench/gpu_all.sh runs as $PEER (one device call):
   flux-bench: 6 double + 12 single blocks, 12 heads × 128 (0.955B), B=4, 1024 image + 512 text
               tokens, guidance embeds; forward (bf16 weights) and train step (fp32 master weights,
               bf16 compute, AdamW, flow-matching loss, state donated).

@@ -1,6 +1,6 @@
 """Peer for the GRPO-iteration benchmark: a DanceGRPO-style PyTorch loop (batch-1 rollouts).
 
-The loop DanceGRPO runs per GPU (ALGORITHMS.md §3.1, §3.4; written here for the comparison, not
+The loop DanceGRPO runs per GPU (docs/algorithms.md §3.1, §3.4; written here for the comparison, not
 copied): for each of the P·G samples of an iteration, one at a time, an N-step dance SDE rollout
 under no_grad with bf16 autocast, keeping latents and log-probs; a reward on the final x̂0; group
 advantages; then, sample by sample, the first int((N−1)·0.6) steps of a random permutation are

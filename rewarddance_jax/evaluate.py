@@ -122,7 +122,7 @@ def format_table(rows) -> str:
 
 
 def _window_std(directory: str) -> tuple[float, float] | None:
-  """(first, last) logged reward-variance window std of an RL stage (RewardDance §4.7)."""
+  """(first, last) logged reward-variance window std of an RL stage (docs/algorithms.md §3.8)."""
   pts = [m['reward_window_std'] for m in metrics_lib.read_metrics(directory)
          if 'reward_window_std' in m] if os.path.exists(
              os.path.join(directory, 'metrics.jsonl')) else []

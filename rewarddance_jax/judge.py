@@ -1,6 +1,6 @@
 """The independent digits judge: prompt-alignment accuracy of generated samples.
 
-No reward model ever sees this classifier (DESIGN.md §5, step 4); it only scores samples. It:
+No reward model ever sees this classifier (docs/design.md §8, step 4); it only scores samples. It:
 
 1. trains a scikit-learn `MLPClassifier` (one hidden ReLU layer, fixed `random_state`) on the real
    digits TRAIN split at 16x16, on pixels standardised per pixel with a floor on the std. The

@@ -1,4 +1,4 @@
-"""Tests for rewarddance_jax.flow.rollout (ALGORITHMS.md §2.3, §2.5, §3.6)."""
+"""Tests for rewarddance_jax.flow.rollout (docs/algorithms.md §2.3, §2.5, §3.6)."""
 
 import functools
 

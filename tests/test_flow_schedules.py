@@ -1,4 +1,4 @@
-"""Tests for rewarddance_jax.flow.schedules: the golden schedules of ALGORITHMS.md §1.3."""
+"""Tests for rewarddance_jax.flow.schedules: the reference schedules of docs/algorithms.md §1.3."""
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +46,8 @@ def test_golden_dancegrpo_flux():
   stds = _step_stds('dance', sigmas, 0.3)
   assert np.all(np.diff(stds) > 0)  # Rises toward data.
   _assert_printed(stds[0], 0.044, 3)
-  # §1.3 prints 0.123 for the last std: that is 0.3·sqrt(.167) from the *rounded* σ_15; the exact
-  # value is 0.3·sqrt(1/6) = 0.12247. So: exact value tightly, the printed one to within one unit.
+  # Hand-rounded tables print 0.123 for the last std: 0.3·sqrt(.167) from the *rounded* σ_15; the
+  # exact value is 0.3·sqrt(1/6) = 0.12247. So: exact value tightly, the printed one within a unit.
   np.testing.assert_allclose(stds[-1], 0.3 * np.sqrt(1 / 6), rtol=1e-6)
   assert abs(stds[-1] - 0.123) <= 1e-3
 
@@ -71,7 +71,7 @@ def test_golden_flow_grpo_flux_512():
   image_seq_len = (512 // 16) ** 2  # 8x VAE, 2x2 packing: 1024 tokens, μ = 0.63.
   sigmas = schedules.get_sigmas('flux_dynamic', 6, image_seq_len=image_seq_len)
   _assert_printed(sigmas[[0, 1, 2, 4, 5, 6]], [1, .904, .790, .484, .273, 0], 3)
-  # §1.3 prints .653 for σ_3; the formula gives e^.63/(e^.63 + 1) = 0.65249 (prints as .652).
+  # Hand-rounded tables print .653 for σ_3; the formula gives e^.63/(e^.63 + 1) = 0.65249 (.652).
   np.testing.assert_allclose(sigmas[3], np.exp(0.63) / (np.exp(0.63) + 1), rtol=1e-6)
   assert abs(sigmas[3] - 0.653) <= 1e-3
 

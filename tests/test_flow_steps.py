@@ -1,4 +1,4 @@
-"""Tests for rewarddance_jax.flow.steps (ALGORITHMS.md §2)."""
+"""Tests for rewarddance_jax.flow.steps (docs/algorithms.md §2)."""
 
 import functools
 import math

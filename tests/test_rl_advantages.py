@@ -1,4 +1,4 @@
-"""Tests for rewarddance_jax.rl.advantages (ALGORITHMS.md §3.2); expected values worked by hand."""
+"""Tests for rewarddance_jax.rl.advantages (docs/algorithms.md §3.2); expected values by hand."""
 
 import functools
 import math

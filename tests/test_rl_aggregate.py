@@ -1,4 +1,4 @@
-"""Tests for rewarddance_jax.rl.aggregate (ALGORITHMS.md §3.6); expected values worked by hand."""
+"""Tests for rewarddance_jax.rl.aggregate (docs/algorithms.md §3.6); expected values by hand."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Tests for rewarddance_jax.rl.ema (ALGORITHMS.md §3.6); expected values worked by hand."""
+"""Tests for rewarddance_jax.rl.ema (docs/algorithms.md §3.6); expected values worked by hand."""
 
 import jax
 import jax.numpy as jnp

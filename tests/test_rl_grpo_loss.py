@@ -1,4 +1,4 @@
-"""Tests for rewarddance_jax.rl.grpo_loss (ALGORITHMS.md §3.3); expected values worked by hand."""
+"""Tests for rewarddance_jax.rl.grpo_loss (docs/algorithms.md §3.3); expected values by hand."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Tests for rewarddance_jax.rl.kl (ALGORITHMS.md §2.4); expected values worked by hand."""
+"""Tests for rewarddance_jax.rl.kl (docs/algorithms.md §2.4); expected values worked by hand."""
 
 import functools
 

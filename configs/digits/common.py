@@ -19,8 +19,8 @@ def add_runtime(c, *, samples_every: int, ckpt_every: int, runlocal: bool):
 
 
 def add_alignment(c, *, lr: float, steps: int, runlocal: bool):
-  """Sections every digits alignment config shares: AdamW at a constant lr (§9 #29), judge
-  samples and checkpoints every 50/100 steps, and the tiny runlocal variant of the run."""
+  """Sections every digits alignment config shares: AdamW at a constant lr (docs/algorithms.md
+  §10 #29), judge samples and checkpoints every 50/100 steps, and the tiny runlocal variant."""
   c.total_steps = steps or (4 if runlocal else c.total_steps)
   c.optax = dict(lr=lr, schedule='constant', warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
                  weight_decay=1e-4, grad_clip=1.0)

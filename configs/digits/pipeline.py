@@ -48,26 +48,7 @@ def get_config(arg=None):
       'grpo_vlm': dict(
           config='configs.digits.grpo', arg=f'{local}init={{base}},steps={arg.grpo_steps}',
           needs=['base', 'reward_vlm'],
-          # 20 prompts (each digit twice) × G = 16, each group's 4 best and 4 worst rollouts
-          # trained (best_of = 8), advantages centred per group and scaled by the whole batch's
-          # reward std (Flow-GRPO's global_std); lr 3e-4, clip 1e-2, the velocity-form KL to the
-          # base (β = 0.5); η = 0.7. Measured on the stored bases (seed 0 / 1, base 51.0 / 65.5%):
-          # 10 × G 8, group std, β 2: 56.0 / 71.0%; + global std: 60.0 / 71.5%; this batch,
-          # β 2: 65.5 / 75.0%; β 1: 68.5 / 70.5%; β 0: 35.0 / 35.0% (reward hacking: P(yes)
-          # up, the judge down). With the reward trained on augmented digits (warp, stroke width,
-          # blur, noise: configs/digits/reward_vlm.py) the generator finds less to exploit:
-          # β 2: 63.0 / 76.5%; β 1: 68.5 / 81.0%; β 0.5 (this): 71.5 / 84.0% (see the issue
-          # notes). The limit at a small batch is the gradient's noise: at lr 1e-3 the rollout
-          # reward fell below the base's, while each doubling of the rollouts per iteration
-          # raised the judge. A group's own std on a saturating P(yes) turns the tiny spread of
-          # an all-good group into full-size advantages; the batch std keeps them small.
-          # η = 0.7 (DanceGRPO's 0.3 elsewhere): a group shares x_T, and at η = 0.3 the SDE noise
-          # rarely changes which digit a rollout draws.
-          # The stage's generator is the EMA of the policy (decay 0.98, ~50 updates = 25
-          # iterations; the rollouts use the policy itself): the last iterate's judge swung by
-          # 10 points between 120 and 180 iterations (seed 0: 71.5 → 61.0%, seed 2: 80.5 →
-          # 86.0%); the EMA at 120: seeds 0 / 1 / 2 70.5 / 85.5 / 91.5% against 71.5 / 84.0 /
-          # 80.5% for the last iterate (bases 51.0 / 65.5 / 67.5%).
+          # Why these settings (batch-std advantages, best_of, β, η, EMA): docs/digits_pipeline.md.
           overrides=dict(no_samples, optax={'lr': 3e-4},
                          grpo={'clip_range': 1e-2, 'kl_beta': 0.5, 'noise_level': 0.7,
                                'ema_decay': 0.98,
@@ -78,11 +59,7 @@ def get_config(arg=None):
           replace={'rewards': {'vlm': dict(kind='vlm_yes', path='{reward_vlm}/reward_model',
                                            mode='pointwise', normalization='two_way',
                                            native_size=8)}}),
-      # 4 prompts × G = 16 rollouts, of which each group's 4 best and 4 worst are trained
-      # (best_of = 8, DanceGRPO's HunyuanVideo recipe). Measured on the stored bases: judge
-      # 64.0 / 58.0% with G = 8 and every rollout trained (seed 1 below its base, 65.5%);
-      # 53.0 / 76.0% with this (both above the bases, 51.0 / 65.5%); 56.0 / 63.5% with best 4
-      # of G = 8.
+      # G = 16 with best 4 + worst 4 trained: docs/digits_pipeline.md (settings tried).
       'grpo_thurstone': dict(
           config='configs.digits.grpo', arg=f'{local}init={{base}},steps={arg.grpo_steps}',
           needs=['base', 'reward_thurstone'],
@@ -99,10 +76,8 @@ def get_config(arg=None):
           config='configs.digits.refl', needs=['base', 'reward_vlm'], overrides=no_samples,
           arg=(f'{local}init={{base}},steps={arg.refl_steps},reward=vlm_yes,'
                'reward_path={reward_vlm}/reward_model,native=8')),
-      # cap 0.6: maximise min(P(yes), 0.6), so saturated samples are not pushed on. Without the
-      # cap every sample of a prompt became one image (reward std 1e-4, within-prompt pixel std
-      # 0.01 vs the base's 0.13) and the judge swung by whole classes: 50% on seed 1; with it
-      # 96.5-99% (measured, see the issue note).
+      # cap 0.6: maximise min(P(yes), 0.6), so saturated samples are not pushed on
+      # (docs/digits_pipeline.md).
       'r0': dict(
           config='configs.digits.r0', needs=['base', 'reward_vlm'], overrides=no_samples,
           arg=(f'{local}init={{base}},steps={arg.r0_steps},reward=vlm_yes,'

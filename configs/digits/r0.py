@@ -1,5 +1,5 @@
 """R0 regularised reward maximisation of the digits generator: a 4-step generator initialised from
-the pretrained one, trained from prompts only (ALGORITHMS.md §7, §9 #27).
+the pretrained one, trained from prompts only (docs/algorithms.md §8, §10 #27).
 
 Launch (after pretraining a base with configs/digits/flow.py):
   python -m launch.train --config=configs/digits/r0.py:init=/tmp/digits_flow --workdir=/tmp/r0

@@ -1,4 +1,4 @@
-"""ReFL alignment of the digits generator (RewardDance's RL stage, ALGORITHMS.md §4.5, §9 #18).
+"""ReFL alignment of the digits generator (RewardDance's RL stage, docs/algorithms.md §7, §10 #18).
 
 Launch (after pretraining a base with configs/digits/flow.py):
   python -m launch.train --config=configs/digits/refl.py:init=/tmp/digits_flow --workdir=/tmp/refl
@@ -32,9 +32,8 @@ def get_config(arg=None):
   c.init = dict(generator=arg.init, use_ema=False)
   c.data = dict(batch_size=32, max_text_len=8)
   # The judge's sampler grid (20 linear Euler steps); the gradient step is in the last 25%.
-  # scale: §9 #18's λ = 1e-3 is for P(yes) ∈ [0, 1] on a large model; the digit_prototype reward
-  # is a small MSE (≈ −0.05) against the FM regulariser (weight 1), so the digits use λ = 5
-  # (measured: judge 0.20 → 0.52 in 100 steps; λ = 1 gives 0.32, lr 3e-3 diverges).
+  # scale 5, not docs/algorithms.md §10 #18's 1e-3: the prototype reward is a small MSE next to
+  # the FM term (docs/digits_pipeline.md).
   c.refl = dict(num_steps=20, schedule='linear', shift=1.0, late_fraction=0.25, loss='linear',
                 scale=arg.scale, target=2.0, fm_weight=arg.fm_weight, guidance=0.0, ema_decay=0.0,
                 reference_n=16, reference_top=2)

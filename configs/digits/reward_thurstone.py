@@ -33,8 +33,7 @@ def get_config(arg=None):
       base_workdir=arg.base,          # generator run dir (checkpoints/, tokenizer.json); '' = fresh
       base_item='params',
       num_blocks=3, layers=(1, 2, 3),  # all three digits blocks (DRM: first 12 of 24, after 4/8/12)
-      # LoRA on attention and MLP kernels (DRM: attention only). The MLPs matter on the short-budget
-      # base, Thurstone σ = 0 held-out accuracy 0.885 (attention, 500 steps) vs 0.906 (this config).
+      # LoRA on attention and MLP kernels (DRM: attention only; docs/digits_pipeline.md says why).
       lora_rank=8, lora_alpha=16.0, lora_targets=BLOCK_TARGETS,
       loss='thurstone',                # thurstone | thurstone-constant | bt | bt-margin
       head=dict(num_queries=4, num_heads=4),

@@ -53,9 +53,7 @@ def get_config(arg=None):
       train_normalization='full', graded_fraction=0.25, caption_weight=1.0,
       pointwise_weight=1.0, pairwise_weight=1.0,
       # data/augment.py: warp, stroke width, blur, noise on every real digit, so that the reward
-      # holds on generated digits. With only a ±1-pixel shift and N(0, 0.05²) noise the
-      # pipeline's GRPO at KL β = 1 reached +17.5 / +5.0 judge points (seeds 0 / 1) while the
-      # reward rose: the generator found digits the reward liked and the judge did not.
+      # holds on generated digits (docs/digits_pipeline.md: what a lighter augmentation did).
       augment=dict(rotate_deg=12.0, scale=0.1, shift=1.0, stroke_prob=0.3, blur_prob=0.3,
                    blur_sigma_max=0.8, noise_max=0.15),
       # CoT rationale tokens after the yes/no answer (data/vlm_rationales.py); their CE weight

@@ -32,7 +32,7 @@ prompts=/data/flux_prompts,reward=thurstone,reward_path=/runs/lrm --workdir=/run
      so both attention lengths are multiples of 128 and the TPU flash-attention kernel applies
      (`nn/attention.py` 'auto'); 2025 + 512 = 2537 would fall back to XLA attention with a
      materialised L² score matrix. res=1024: 128×128 latent, 4096 + 512 = 4608 = 36·128 tokens.
-  3. GRPO (DanceGRPO FLUX settings, ALGORITHMS.md §3.7): G = 12, 16 prompts per iteration
+  3. GRPO (DanceGRPO FLUX settings, docs/algorithms.md §3.7): G = 12, 16 prompts per iteration
      (B = 192 rollouts), 16 'dance' SDE steps (η = 0.3, shift 3), 60% of the 15 trainable steps
      trained per sample, M = 3 minibatches (64 rollouts: one per chip on a 64-chip slice),
      guidance 3.5 (FLUX.1-dev's distilled guidance input), clip 1e-4.
@@ -58,12 +58,8 @@ VLMS = {'2b': 'internvl3-2b', '8b': 'internvl3-8b'}
 CANDIDATES = ('1,-1,1:full:scan:grpo_rollout;1,-1,1:full:scan:reward;'
               '1,-1,1:full:scan:grpo_update')
 
-# Default layout (MESH:REMAT:scan, for all three steps) per topology and mode, from the scans in
-# docs/scaling.md (idle 2-core host, 2026-11-23; each whole iteration in 6-9 minutes):
-#   v5p-64 full: iteration peak 12.4 GiB of 95 per chip; `2,-1,1` has the same roofline estimate
-#     at 21.3 GiB, `1,-1,4` cannot shard InternVL's 151674-token vocabulary on tensor = 4.
-#   v5p-64 LoRA r 64: 14.8 GiB of 95.
-#   v6e-64 full: 11.7 GiB of 32.
+# Default layout (MESH:REMAT:scan, for all three steps) per topology and mode; docs/scaling.md has
+# the scans that chose them (per-chip peaks, the rejected candidates).
 LAYOUTS = {
     'full': {'v5p:4x4x4': '1,-1,1:full:scan', 'v6e:8x8': '1,-1,1:full:scan'},
     'lora': {'v5p:4x4x4': '1,-1,1:full:scan', 'v6e:8x8': '1,-1,1:full:scan'},

@@ -1,5 +1,5 @@
 """R0 on FLUX.1-dev: a 4-step generator by regularised maximisation of an InternVL P("yes")
-reward (ALGORITHMS.md §7; the data path of GRPO on FLUX, `configs/flux/grpo_flux_dev.py`).
+reward (docs/algorithms.md §8; the data path of GRPO on FLUX, `configs/flux/grpo_flux_dev.py`).
 
   python -m launch.encode_prompts --family=flux --pipeline=/models/FLUX.1-dev \\
       --prompts=prompts.jsonl --out=/data/flux_prompts

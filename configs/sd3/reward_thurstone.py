@@ -13,12 +13,13 @@ Scan its layouts for a TPU pod on a CPU host (docs/scaling.md has the tables):
      recorded layers run as one lax.scan each (three scans of four dual-attention blocks).
   2. LoRA r = 64, α = 128 on every attention projection of those blocks (DRM: to_q/k/v, to_out.0,
      add_{q,k,v}_proj, to_add_out; the dual-attention attn2 projections have the same names),
-     plus the Thurstone head (F = W/4, 4 queries, 8 heads); only they train (ALGORITHMS.md §5.2).
+     plus the Thurstone head (F = W/4, 4 queries, 8 heads); only they train
+     (docs/algorithms.md §5.2).
   3. Pairs at 1024² (128×128×16 latents, 4096 image tokens) with CLIP-L/G (77) + T5 (128) text
      tokens padded to 256 (4096 + 256 = 4352 = 34·128: the TPU flash-attention kernel applies),
-     64 pairs per step (one per chip of a 64-chip slice), AdamW lr 5e-5, wd 0.01, constant (§5.3).
-  4. `config.layouts`: the default layout per topology (docs/scaling.md: both compile and fit,
-     16.7 of 95 GiB per v5p chip, 16.5 of 32 GiB per v6e chip; other candidates not scanned yet).
+     64 pairs per step (one per chip of a 64-chip slice), AdamW lr 5e-5, wd 0.01, constant
+     (docs/algorithms.md §5.3).
+  4. `config.layouts`: the default layout per topology (docs/scaling.md has the scans).
 The trainer (`train/latent_reward.py`) builds MMDiT backbones only: training this config for real
 needs the SD3 base weights wired into its `load_base` (not done; the scanner builds it abstractly).
 """
@@ -34,7 +35,7 @@ CANDIDATES = ('1,-1,1:full:scan:latent_reward;2,-1,1:full:scan:latent_reward;'
               '1,-1,1:dots:scan:latent_reward')
 
 # Default layout per topology (docs/scaling.md, "SD3.5-medium DiNa-LRM"): FSDP over all chips,
-# blocks scanned (the unscanned 12-block program did not compile within 15 min on 2 cores).
+# blocks scanned (why: same section).
 LAYOUTS = {
     'v5p:4x4x4': '1,-1,1:full:scan:latent_reward',
     'v6e:8x8': '1,-1,1:full:scan:latent_reward',

@@ -1,6 +1,6 @@
 """The digits data set: scikit-learn's 1,797 real 8x8 handwritten digits at 16x16.
 
-This is the embedded default problem of DESIGN.md §5. It ships with scikit-learn, so nothing is
+This is the embedded default problem of docs/design.md §8. It ships with scikit-learn, so nothing is
 downloaded. The module:
 
 1. loads `sklearn.datasets.load_digits` (values 0..16) and scales it to float32 in [0, 1];

@@ -1,6 +1,6 @@
 """Grain input pipelines (no TensorFlow): digits training batches and prompt batches.
 
-Both pipelines follow JAX_CONVENTIONS.md §8 and have the same shape:
+Both pipelines follow docs/design.md §6 and have the same shape:
 
 1. `grain.MapDataset.source(...)` over a random-access source (the digits arrays, or prompt
    records / a TFDS ArrayRecord source);

@@ -1,8 +1,8 @@
 """CoT rationales for VLM reward training: built from digit labels, or read from a JSONL file.
 
-RewardDance format (i) (ALGORITHMS.md §4.3): the answer comes first, the reasons after it, so the
-training target after the prompt is "<yes|no> <rationale>" and the reward at inference still reads
-P(yes) at the first answer position. The loss is the next-token CE over the answer + rationale
+RewardDance format (i) (docs/algorithms.md §4.3): the answer comes first, the reasons after it, so
+the training target after the prompt is "<yes|no> <rationale>" and the reward at inference still
+reads P(yes) at the first answer position. The loss is the next-token CE over the answer + rationale
 tokens, the first (answer) token weighted by `first_token_weight` (rewards/vlm_losses.py).
 
 1. Digits (`config.reward_model.rationale = True`), from the labels:

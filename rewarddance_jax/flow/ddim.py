@@ -1,4 +1,4 @@
-"""DDIM-η step of a rectified flow, the R0 generator's step (ALGORITHMS.md §7, inferred).
+"""DDIM-η step of a rectified flow, the R0 generator's step (docs/algorithms.md §8, inferred).
 
 With x_σ = (1 − σ)·x0 + σ·ε and v = ε − x0: x̂0 = x − σ·v, ε̂ = x + (1 − σ)·v, and from σ to σ' < σ
   x' = (1 − σ')·x̂0 + σ'·(sqrt(1 − η²)·ε̂ + η·ξ),   ξ ~ N(0, I),  η ∈ [0, 1] per sample.

@@ -1,6 +1,6 @@
 """Rectified-flow (flow-matching) training objective.
 
-Conventions of ALGORITHMS.md §1.1: x_σ = (1 − σ)·x0 + σ·ε, target v = ε − x0.
+Conventions of docs/algorithms.md §1.1: x_σ = (1 − σ)·x0 + σ·ε, target v = ε − x0.
   1. Draw σ per sample: 'uniform' U(0, 1); 'logit_normal' σ = sigmoid(m + s·n), n ~ N(0, 1)
      (SD3, Esser et al. 2024 §3.1); then optionally the constant shift s·σ/(1 + (s − 1)·σ).
   2. Interpolate x_σ and regress the network's v on ε − x0:

@@ -1,8 +1,8 @@
-"""Scanned rollouts of a rectified flow that store what GRPO needs (ALGORITHMS.md §2.5, §3.1, §3.6).
+"""Scanned rollouts of a rectified flow that store what GRPO needs (docs/algorithms.md §2.5, §3.1, §3.6).
 
 Algorithm:
   1. Initial noise x_T ~ N(0, I). With same noise (DanceGRPO ``--init_same_noise``, Flow-GRPO
-     ``same_latent``; our default, §9 #11) the batch is read as B/G adjacent groups of G rows, and
+     ``same_latent``; our default, §10 #11) the batch is read as B/G adjacent groups of G rows, and
      group g draws ``normal(fold_in(key, g), shape[1:])``: a group shares x_T wherever it lives.
   2. ``jax.lax.scan`` over the N steps of a schedule σ_0 = 1 > ... > σ_N = 0. Step i:
      a. ``v = velocity_fn(x_i, σ_i·1_B)`` (the closure holds params, conditioning and guidance);

@@ -1,4 +1,4 @@
-"""Sigma schedules and shifts for rectified flows (ALGORITHMS.md §1).
+"""Sigma schedules and shifts for rectified flows (docs/algorithms.md §1).
 
 Convention (§1.1): ``x_σ = (1 − σ)·x0 + σ·ε``; σ = 1 is pure noise, σ = 0 is data. A schedule is an
 array of N + 1 sigmas that decreases from 1 to exactly 0; step i goes from ``σ_i`` to ``σ_{i+1}``.

@@ -3,7 +3,7 @@
 Best-of-N: sample N ODE trajectories per prompt, score each final x0 with a verifier, keep the best.
 
 Search over Paths (Ma et al., arXiv 2501.09732 §3; used by RewardDance §3.3.2 with a pointwise
-verifier; defaults ALGORITHMS.md §4.6, §9 #19: N = 4, M = 2, Δf = 0.1, Δb = Δf + one step):
+verifier; defaults docs/algorithms.md §9, §10 #19: N = 4, M = 2, Δf = 0.1, Δb = Δf + one step):
   1. Solve N noises per prompt by Euler ODE down the σ grid to the first search point σ_c.
   2. Each of the N states is copied M times and re-noised forward to σ_c + Δf with the exact
      forward transition of x_σ = (1 − σ)·x0 + σ·ε:

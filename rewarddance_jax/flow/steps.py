@@ -1,6 +1,6 @@
 """One sampling step of a rectified flow, deterministic or stochastic, with its Gaussian log-prob.
 
-Convention (ALGORITHMS.md §1.1): ``x_σ = (1 − σ)·x0 + σ·ε``, the network predicts ``v = ε − x0``, so
+Convention (docs/algorithms.md §1.1): ``x_σ = (1 − σ)·x0 + σ·ε``, the network predicts ``v = ε − x0``, so
 ``x̂0 = x − σ·v`` and ``ε̂ = x + (1 − σ)·v``. A step goes from σ to σ' < σ, ``dt = σ' − σ < 0``.
 
 Algorithm (§2.1–2.3), in float32 whatever the dtype of v and x:

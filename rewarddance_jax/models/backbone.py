@@ -1,7 +1,7 @@
 """Backbone reuse: the first K blocks of a frozen generator (+ the reward's own LoRA) as features.
 
-Latent reward models (DiNa-LRM: ALGORITHMS.md §5.2; PAVRM: §6.1) read the generator's own hidden
-states on a noisy latent x_t. `Backbone(gen_cfg, num_blocks=K, layers=(…))`:
+Latent reward models (DiNa-LRM: docs/algorithms.md §5.2; PAVRM: §6.1) read the generator's own
+hidden states on a noisy latent x_t. `Backbone(gen_cfg, num_blocks=K, layers=(…))`:
   1. `take(params)`: the part of a generator param tree the first K blocks need (text encoder,
      img/txt/time/vector/guidance embedders, blocks 0..K−1; the later blocks and the output layer
      are left out). List stacks keep the generator's own arrays (same objects: no copy); scanned stacks

@@ -1,6 +1,6 @@
 """The first K blocks of a frozen SD3 / SD3.5 transformer (+ the reward's LoRA) as features.
 
-The SD3 counterpart of `models/backbone.py` (DiNa-LRM on SD3.5-medium: ALGORITHMS.md §5.2, the
+The SD3 counterpart of `models/backbone.py` (DiNa-LRM on SD3.5-medium: docs/algorithms.md §5.2, the
 first 12 of its 24 joint blocks, features after blocks 4, 8, 12). Same interface, so the latent
 reward code (rewards/thurstone.py `score_views`, train/latent_reward.py `make_train_step`) runs
 on it unchanged:

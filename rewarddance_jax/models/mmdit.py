@@ -9,9 +9,11 @@ Forward pass on packed image tokens (Black Forest Labs FLUX.1; diffusers `FluxTr
   4. Single-stream blocks over the concatenation [txt; img]: one modulation (shift, scale, gate),
      parallel attention and MLP branches summed into one residual.
   5. Final adaLN (shift, scale) + linear to the patch channels, on the image tokens only.
-Projections are separate q/k/v (as diffusers stores them) so each shards cleanly by heads; the
-single block's output linear on concat(attn, mlp) is kept as two kernels (attn_out + mlp_out), an
-identical function that lets the two inputs shard on 'heads' and 'mlp'.
+Each stream's q/k/v is one fused (D, 3·D) kernel whose columns are interleaved per head (`_Attn`),
+so sharding on 'heads' keeps a head's q, k and v together; diffusers' separate to_q/to_k/to_v are
+fused on import (weights/flux.py). The single block keeps its input projection as two kernels (qkv
+and mlp_in) and its output linear on concat(attn, mlp) as two (attn_out + mlp_out): the same
+function, with the parts sharding on 'heads' and 'mlp'.
 Layers optionally run as a `lax.scan` over stacked weights with a remat policy (config).
 """
 

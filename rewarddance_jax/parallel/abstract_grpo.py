@@ -3,7 +3,7 @@
 Everything is a sharded `jax.ShapeDtypeStruct`; no parameter is ever materialised:
 
   1. `abstract_rewards(config, mesh, rules)`: with a `config.scan.reward` section, one abstract
-     VLM yes-token reward (RewardDance, ALGORITHMS.md §4.1) of the configured InternVL size on
+     VLM yes-token reward (RewardDance, docs/algorithms.md §4.1) of the configured InternVL size on
      latents: pixels = (VAE.decode_latents(x̂0) + 1)/2, one 448² tile, r = P("yes") from the LM
      head at `batch['vlm_pos']` of `batch['vlm_ids']` (two_way normalisation). Its params are
      {'model': InternVL, 'vae': AutoencoderKL}, sharded by the config's rules (the VAE, 84M,

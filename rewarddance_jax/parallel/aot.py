@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for TPU topologies on a host without a TPU (JAX_CONVENTIONS §10).
+"""Ahead-of-time compilation for TPU topologies on a host without a TPU (docs/design.md §7).
 
 With libtpu installed (`pip install "jax[tpu]"`), XLA's TPU compiler runs on any x86 host: a
 topology description yields compile-only TPU devices that can be put in a mesh and compiled

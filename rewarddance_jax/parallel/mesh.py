@@ -1,6 +1,6 @@
 """Device mesh from config data, and multi-process start-up.
 
-A mesh is config data, never code (DESIGN.md §4.2):
+A mesh is config data, never code (docs/design.md §3 rule 2):
 
   config.mesh.axes = ('data', 'fsdp', 'tensor')   # increasing communication intensity
   config.mesh.ici  = (1, -1, 1)                   # inside a slice; exactly one -1 is filled
@@ -14,7 +14,7 @@ Steps of `create_mesh`:
   3. Lay out devices with `mesh_utils.create_device_mesh` (one slice) or
      `create_hybrid_device_mesh` (several), so the innermost axes stay on the fastest links.
   4. Build `Mesh(grid, axes, axis_types=(AxisType.Auto,) * n)`; jax 0.10 `make_mesh` would default to
-     Explicit axes, which the GSPMD-style logical sharding here does not use (JAX_CONVENTIONS §5.3).
+     Explicit axes, which the GSPMD-style logical sharding here does not use (docs/design.md §4.3).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ the Param's `out_sharding` metadata); the mapping to mesh axes is a list of rule
 
   config.sharding_rules = (('act_batch', ('fsdp', 'data')), ('embed', 'fsdp'), ('mlp', 'tensor'), ...)
 
-Sharded initialisation (JAX_CONVENTIONS §5.2), as `sharded_init` does it:
+Sharded initialisation (docs/design.md §4.2), as `sharded_init` does it:
   1. Build the module abstractly with `nnx.eval_shape` under `jax.set_mesh(mesh)` and the rules.
   2. Read each Param's logical names and map them through the rules (`logical_to_mesh_axes`), with
      the stacked-layer axis of scanned blocks included; a name that no rule mentions is an error,
@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 Rules = tuple[tuple[str, Any], ...]
 
-# Default rules (JAX_CONVENTIONS §5.1). Weights: embed, mlp, heads, kv, vocab, conv_in, conv_out,
+# Default rules (docs/design.md §4.1). Weights: embed, mlp, heads, kv, vocab, conv_in, conv_out,
 # layers, lora_rank, norm; activations: act_batch, act_len, act_embed, act_heads.
 # `act_batch` lists fsdp before data. Both orders put the same rows on a device group; with
 # ('data', 'fsdp') the CPU backend (jax 0.10.2) computed a wrong double-block text stream on a

@@ -3,7 +3,7 @@
 A reward is a pure, jit-able function ``fn(params, samples, batch, key) -> (B,) float32``:
 
 - ``params``: a frozen parameter tree (a reward model's weights, a target image, the digit
-  prototypes, or None). Rewards carry no optimizer state (DESIGN.md §4 rule 1).
+  prototypes, or None). Rewards carry no optimizer state (docs/design.md §3 rule 1).
 - ``samples``: a dict of what the caller has for the B samples being scored, e.g. 'pixels'
   (B, H, W, C) in [0, 1], 'latents' (model-space x̂0), 'noisy_latents' (x_t) with 'sigma' (B,).
   Which keys a reward reads is declared by its ``inputs`` (see ``REQUIRED_SAMPLE_KEYS``), so a

@@ -1,4 +1,4 @@
-"""PAVRM: a process-aware reward on noisy latents x_t (PRFL, arXiv 2511.21541; ALGORITHMS.md §6).
+"""PAVRM: a process-aware reward on noisy latents x_t (arXiv 2511.21541; docs/algorithms.md §6).
 
 The model is the generator's first K blocks with the reward's own LoRA (models/backbone.py; PRFL
 fine-tunes blocks 0–7 fully, we tune a LoRA) and this head (PRFL §4.2 Eqs. 4–5,
@@ -8,7 +8,7 @@ PRFL:scripts/pavrm/train_pavrm.py `model_init`):
   3. z = z_obs + q (the query residual: a content-agnostic quality prior, Table 5);
   4. logit r_φ(x_t, t, c) = Linear(h2→1)(ReLU(Linear(h1→h2)(ReLU(Linear(W→h1)(z))))), xavier-uniform
      weights and zero biases (PRFL: 5120→1024→512→1).
-Attention runs over the full sequence (no per-shard averaging; §9 #25).
+Attention runs over the full sequence (no per-shard averaging; §10 #25).
 
 Losses:
   bce         L = −mean(y·log σ(r) + (1 − y)·log(1 − σ(r)))  (PRFL Eq. 6; pairs give y = 1 for the

@@ -1,7 +1,7 @@
 """Simple rule rewards on pixels: cheap, exact signals for tests of RL trainers.
 
 Each factory returns a ``base.Reward`` whose fn is pure jnp on ``samples['pixels']`` (B, H, W, C)
-in [0, 1], computed in float32 whatever the input dtype (DESIGN.md §4 rule 4):
+in [0, 1], computed in float32 whatever the input dtype (docs/design.md §3 rule 4):
 
 1. ``mean_intensity()``: the mean pixel, r = mean(x); differentiable.
 2. ``target_l2(target)``: r = −mean((x − target)²) to one fixed image (the reward's params);

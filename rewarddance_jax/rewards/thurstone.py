@@ -1,6 +1,6 @@
 """DiNa-LRM: a noise-calibrated Thurstone reward on the generator's own noisy latents.
 
-ALGORITHMS.md §5 (arXiv 2602.11146; DRM = HKUST-C4G/diffusion-rm). The reward model is the
+docs/algorithms.md §5 (arXiv 2602.11146; DRM = HKUST-C4G/diffusion-rm). The reward model is the
 generator's first K blocks with the reward's own LoRA (models/backbone.py) and this head:
 
   1. FiLM per recorded layer and stream: [γ, β] = Linear(2W→2W)(SiLU(Linear(W→2W)(temb))), last

@@ -1,4 +1,4 @@
-"""Reward-model training losses of RewardDance (ALGORITHMS.md §4.3), pure jnp.
+"""Reward-model training losses of RewardDance (docs/algorithms.md §4.3), pure jnp.
 
 1. `yes_probability(logits, yes_ids, no_ids, normalization)`: r = P("yes") from the answer
    position's logits (RD §3.2.1 Eq. 2); 'full' = Σ_{y∈yes} softmax(l)_y, 'two_way' =

@@ -1,4 +1,4 @@
-"""RewardDance generative reward: r = P("yes") read from a VLM's LM head (ALGORITHMS.md §4.1-4.2).
+"""RewardDance generative reward: r = P("yes") from a VLM's LM head (docs/algorithms.md §4.1-4.2).
 
 Host side, `Prompter` turns prompt strings into token ids:
   1. the template (pointwise: one image; pairwise: image 1 = reference, image 2 = generated) is
@@ -38,7 +38,7 @@ TEMPLATES = {
     'pairwise': ('Ref Image: <image>\nGenerated Image: <image>\nPlease evaluate two images '
                  'generated from the prompt: "{prompt}". Is image 2 better than image 1?\n'
                  '{criteria}\nPlease answer "yes" or "no", and given the detailed reason.'),
-    # Our pointwise template (ALGORITHMS.md §4.2).
+    # Our pointwise template (docs/algorithms.md §4.2).
     'pointwise': ('<image>\nPlease evaluate the image generated from the prompt: "{prompt}". '
                   '{criteria}. Does the image meet the requirements? Please answer "yes" or "no".'),
 }

@@ -1,4 +1,4 @@
-"""GRPO advantages: rewards normalised within groups of adjacent rows (ALGORITHMS.md §3.2).
+"""GRPO advantages: rewards normalised within groups of adjacent rows (docs/algorithms.md §3.2).
 
 Rows are grouped ADJACENTLY: the prompts are repeated G times in a row, so the (B,) rewards reshape
 to (B/G, G) with one prompt per row, whatever the device placement (§3.1, our choice).
@@ -20,8 +20,8 @@ group mean of equal numbers need not equal them, and (r − mean)/1e-8 would tur
 an advantage of order 0.1. Such groups are what ``zero_std_fraction`` counts (FG's
 ``zero_std_ratio``).
 
-Zero-advantage samples (§9 #5, our choice): FG drops them and tops the batch up with random ones; we
-keep static shapes and give them loss weight 0 via ``nonzero_advantage_mask``.
+Zero-advantage samples (§10 #5, our choice): FG drops them and tops the batch up with random ones;
+we keep static shapes and give them loss weight 0 via ``nonzero_advantage_mask``.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def zero_std_fraction(rewards: jax.Array, group_size: int) -> jax.Array:
 
 
 def nonzero_advantage_mask(adv: jax.Array) -> jax.Array:
-  """(B,) float32 loss weights: 1 where A != 0, else 0 (§9 #5: kept with weight 0, static shapes).
+  """(B,) float32 loss weights: 1 where A != 0, else 0 (§10 #5: kept with weight 0, static shapes).
 
   FG:scripts/train_sd3.py instead removes the samples whose advantage is 0 at every step; our
   advantage is one value per sample, broadcast to all of its trained steps.

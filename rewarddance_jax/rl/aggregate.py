@@ -1,4 +1,4 @@
-"""Several rewards, one advantage: advantage vs reward aggregation (ALGORITHMS.md §3.6, §9 #12).
+"""Several rewards, one advantage (docs/algorithms.md §3.6; the default: §10 #12).
 
 Given rewards r_k (B,), weights w_k and norm(·) the group normalisation of ``group_advantages``:
 

@@ -1,9 +1,9 @@
-"""Exponential moving average of the policy parameters (ALGORITHMS.md §3.6, §9 #13).
+"""Exponential moving average of the policy parameters (docs/algorithms.md §3.6, §10 #13).
 
   ema ← d·ema + (1 − d)·θ                       (every leaf, in float32)
 
 - DanceGRPO: ``--use_ema --ema_decay 0.995``, updated every optimizer step ("Enabling EMA helps
-  with better visualization"; DG:scripts/finetune/*.sh). Our default (§9 #13): d = 0.995 per step,
+  with better visualization"; DG:scripts/finetune/*.sh). Our default (§10 #13): d = 0.995 per step,
   used for evaluation and checkpoints.
 - Flow-GRPO (FG:flow_grpo/ema.py ``EMAModuleWrapper``): updated every 8 steps with the warm-up decay
   d(s) = min((1 + s)/(10 + s), 0.9) (``flow_grpo_ema_decay``), so early averages forget the random

@@ -1,4 +1,4 @@
-"""Training on a group's extremes: keep the k/2 best and k/2 worst rollouts (ALGORITHMS.md §3.2).
+"""Training on a group's extremes: its k/2 best and k/2 worst rollouts (docs/algorithms.md §3.2).
 
 DanceGRPO's HunyuanVideo script (DG:fastvideo/train_grpo_hunyuan.py, ``--bestofn``) samples G = 24
 rollouts per prompt, sorts them by advantage, keeps the top and bottom bestofn/2 (bestofn = 8) and

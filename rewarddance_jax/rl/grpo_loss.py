@@ -1,4 +1,4 @@
-"""GRPO clipped surrogate of one trained step and the KL to the rollout policy (ALGORITHMS.md §3.3).
+"""GRPO clipped surrogate of one step and the KL to the rollout policy (docs/algorithms.md §3.3).
 
 For one trained step t of every sample (logp stored at rollout, recomputed with the current params):
 
@@ -9,7 +9,7 @@ For one trained step t of every sample (logp stored at rollout, recomputed with 
 Identical in DG:fastvideo/train_grpo_flux.py, FG:scripts/train_sd3.py and
 MG:fastvideo/train_grpo_flux.py (ε = 1e-4 by default, A already clipped to ±5). No value function,
 no entropy term.
-The mask m (§9 #5, our choice) replaces FG's removal of zero-advantage samples with weight 0; with
+The mask m (§10 #5, our choice) replaces FG's removal of zero-advantage samples with weight 0; with
 m = 1 the loss is the repos' plain batch mean.
 
 Gradient w.r.t. logp_new (what the tests pin): −A_b·ρ_b·m_b/Σm where the unclipped term is the max

@@ -1,4 +1,4 @@
-"""KL between the policy's and the reference model's Gaussian step transitions (ALGORITHMS.md §2.4).
+"""KL between the policy's and the reference's Gaussian step transitions (docs/algorithms.md §2.4).
 
 Two Gaussians with the same std s: KL(N(μθ, s²I) ‖ N(μref, s²I)) = ‖μθ − μref‖²/(2·s²).
 
@@ -10,7 +10,7 @@ FG:flow_grpo/diffusers_patch/sd3_sde_with_logprob.py) computes, per sample,
 where ``std_dev_t`` = g EXCLUDES the step's sqrt(−dt): the actual transition std is g·sqrt(|dt|).
 So this code form is the true per-element KL multiplied by |dt| (the paper's ‖·‖²/(2σ_t²|Δt|) is
 the true one; unverified). The published β values (0.04 GenEval/OCR SD3, 0.01 PickScore, ...)
-belong to the code form, which is therefore what we implement (§9 #10). Pass the full step std
+belong to the code form, which is therefore what we implement (§10 #10). Pass the full step std
 (``StepOutput.std`` of ``rewarddance_jax.flow.steps``) as ``std_dev_t`` to get the true KL instead.
 
 Velocity form (inferred, §2.4). Both SDE kinds step with (§2.1)

@@ -1,4 +1,4 @@
-"""PRFL objective: process reward feedback plus the flow-matching regulariser (ALGORITHMS.md §6.3).
+"""PRFL objective: process reward feedback + flow-matching regulariser (docs/algorithms.md §6.3).
 
 PRFL (arXiv 2511.21541, Alg. 1, Eqs. 7–10; PRFL:scripts/prfl/train_prfl.py `train_step_refl`):
 a frozen process reward r = σ(PAVRM(x_{s+1}, t_{s+1}, p)) ∈ (0, 1) scores the noisy latent made

@@ -1,6 +1,6 @@
-"""R0: regularised reward maximisation of a few-step generator (ALGORITHMS.md §7, arXiv 2503.13070).
+"""R0: regularised reward maximisation of a few-step generator (docs/algorithms.md §8).
 
-Objective (inferred, §7): max_θ E_{z,c}[Σ_k w_k·R_k(g_θ(z, c, η), c)] − λ·‖θ − θ0‖².
+Objective (arXiv 2503.13070, inferred): max_θ E_{z,c}[Σ_k w_k·R_k(g_θ(z, c, η), c)] − λ·‖θ − θ0‖².
 
 Per-reward gradient normalisation (R0 v1 Fig. 8): each reward's image-space gradient is divided
 by its norm before the weighted sum, so no single reward dominates:
@@ -13,8 +13,7 @@ whose θ-gradient is −(1/B)·Σ_b J_bᵀ d_b + 2λ(θ − θ0).
 Reward cap (ours, optional): with a cap τ the maximised reward is min(R_k, τ), so a sample whose
 reward already exceeds τ gets no push (its gradient is 0, and 0/(0 + ε) = 0). Without it the
 per-sample normalisation turns the vanishing gradient of a saturated P("yes") ≈ 1 into a full
-unit-norm push, which drives every sample of a prompt to the same image (measured on the digits:
-reward std → 1e-4, the judge swinging by whole classes between seeds).
+unit-norm push, which drives every sample of a prompt to the same image (docs/digits_pipeline.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ReFL: reward feedback learning through one gradient-carrying denoising step (ALGORITHMS.md §4.5).
+"""ReFL: reward feedback learning through one gradient-carrying step (docs/algorithms.md §7).
 
 ImageReward's ReFL (THUDM/ImageReward:ImageReward/ReFL.py; arXiv 2304.05977 §4.2):
   1. N denoising steps; draw `mid` uniformly over the last quarter of them (their 30..39 of 40);
@@ -7,7 +7,7 @@ ImageReward's ReFL (THUDM/ImageReward:ImageReward/ReFL.py; arXiv 2304.05977 §4.
   3. r = R(decode(x̂0), c), with the gradient flowing through decode and the reward model.
   4. The loss on r, one of
        'imagereward':  L = scale·mean_b relu(target − r_b)     (target 2, scale 1e-3 there)
-       'linear':       L = −scale·mean_b r_b                   (ours for RewardDance, §9 #18:
+       'linear':       L = −scale·mean_b r_b                   (ours for RewardDance, §10 #18:
                                                                 λ = 1e-3; r = P(yes) ∈ [0, 1], so
                                                                 relu(2 − r) = 2 − r: same gradient)
 """

@@ -1,4 +1,4 @@
-"""Which denoising steps GRPO trains, and where the rollout is stochastic (ALGORITHMS.md §3.5).
+"""Which denoising steps GRPO trains, and where the rollout is stochastic (docs/algorithms.md §3.5).
 
 A rollout of N steps stores every transition; this module picks, per sample, the T step indices
 the update trains on (an int32 (B, T) array, static T) and the (N,) SDE mask of the rollout:

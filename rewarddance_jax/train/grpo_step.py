@@ -1,4 +1,4 @@
-"""One GRPO iteration on a rectified flow as a single pure function (ALGORITHMS.md §3).
+"""One GRPO iteration on a rectified flow as a single pure function (docs/algorithms.md §3).
 
 `make_grpo_step(...)` returns `step(state, batch, key, consts) -> (state, metrics)`, which the
 shared loop jits once with the state donated. Inside, with nothing going back to the host:
@@ -20,12 +20,12 @@ shared loop jits once with the state donated. Inside, with nothing going back to
      (`rl.grpo_loss`) + β·velocity-form KL to the frozen reference (§3.3, `rl.kl`) + the optional
      MixGRPO KL to the rollout policy. With `fm_weight` > 0 each minibatch also adds
      fm_weight·L_FM on real images of its rows' prompts (PPO-ptx, InstructGPT §3; the FM
-     regulariser of PRFL §6.3 / ReFL §9 #18): consts['fm_images'] is a (P, K, H, W, C) table of
+     regulariser of PRFL §6.3 / ReFL §10 #18): consts['fm_images'] is a (P, K, H, W, C) table of
      real images per prompt label, one drawn per row by key inside the step (so resume is exact).
      EMA after every optimizer step.
   4. A non-finite loss or gradient anywhere leaves params, optimizer and EMA unchanged.
-  5. Metrics: reward mean/std (total and per reward), the reward-variance window (RewardDance
-     §4.7: std/var of the raw rewards of the last W iterations, a ring buffer in the state, so
+  5. Metrics: reward mean/std (total and per reward), the reward-variance window (docs/algorithms.md
+     §3.8: std/var of the raw rewards of the last W iterations, a ring buffer in the state, so
      resume is exact), advantage |A| mean, zero-std fraction, ratio mean/min/max, clipfrac,
      approx_kl, grad norm, loss.
 
@@ -100,7 +100,7 @@ class LoRAConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
-  """Static GRPO settings (from `config.grpo`; defaults: ALGORITHMS.md §3.7, §9)."""
+  """Static GRPO settings (from `config.grpo`; defaults: docs/algorithms.md §3.7, §10)."""
   group_size: int = 12
   step_kind: str = 'dance'
   noise_level: float = 0.3

@@ -1,6 +1,6 @@
 """PRFL: process reward feedback learning anywhere in the denoising chain (`trainer: prfl`).
 
-PRFL (arXiv 2511.21541, Alg. 1; ALGORITHMS.md §6.3). One jitted step per batch of real digits:
+PRFL (arXiv 2511.21541, Alg. 1; docs/algorithms.md §6.3). One jitted step per batch of real digits:
   1. s ~ U{0, …, N−2} (the whole trajectory, the paper's best "full" range); x_T ~ N(0, I);
      the first s Euler steps run without gradient (a `fori_loop` whose trip count is s, so the
      cost follows s) → x_s.

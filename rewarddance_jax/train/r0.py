@@ -1,4 +1,4 @@
-"""R0 regularised reward maximisation of a few-step generator (`trainer: r0`; ALGORITHMS.md §7, §9 #27).
+"""R0: regularised reward maximisation, few-step generator (`trainer: r0`; docs/algorithms.md §8).
 
   1. Mesh, rules, the generator restored from `config.init.generator` (the pretrained base) or
      public FLUX weights (`config.init.weights`, `common.init_policy`); a frozen copy θ0 of it is
@@ -10,7 +10,7 @@
   3. The step (pure, jitted once by the loop, state donated):
      a. g_θ is K DDIM-η steps on `r0.sigmas` (K = 4): from z ~ N(0, I),
         x_{k+1} = (1 − σ_{k+1})·x̂0_k + σ_{k+1}·(sqrt(1 − η²)·ε̂_k + η·ξ_k) (`flow/ddim.py`), with a
-        fresh η ~ U(0, eta_max) per step and sample (§7 regulariser b); σ_K = 0, so the last step
+        fresh η ~ U(0, eta_max) per step and sample (§8 regulariser b); σ_K = 0, so the last step
         returns x̂0;
      b. full mode: backpropagate through all K steps (each step rematerialised when `remat`);
         R0+ (`plus: True`): k ~ U{0..K−1}, steps 0..k−1 without gradient, then x̂0 = x_k − σ_k·v_θ
@@ -44,7 +44,7 @@ IMAGE_SHAPE = grpo.IMAGE_SHAPE
 
 @dataclasses.dataclass(frozen=True)
 class R0Config:
-  """Static R0 settings (from `config.r0`; ALGORITHMS.md §7, §9 #27)."""
+  """Static R0 settings (from `config.r0`; docs/algorithms.md §8, §10 #27)."""
   num_steps: int = 4
   schedule: str = 'linear'
   shift: float = 1.0

@@ -1,4 +1,4 @@
-"""ReFL alignment of the generator (`trainer: refl`; RewardDance §3.3.1, ALGORITHMS.md §4.5, §9 #18).
+"""ReFL alignment of the generator (`trainer: refl`; RD §3.3.1, docs/algorithms.md §7, §10 #18).
 
   1. Mesh, rules, the generator built sharded and restored from `config.init.generator`.
   2. Pairwise VLM rewards (`kind: vlm_yes, mode: pairwise`) without `ref_images` get a best-of-N
@@ -7,7 +7,7 @@
      ranked by win count (P > 0.5; ties by the summed P), the top `reference_top` per prompt
      written best first to `workdir/refl_reference.npz` (a samples file, reused when present) and
      loaded as consts['ref_images'] (10, T, ...): each step draws one of its label's top T per row
-     as batch['ref_pixels'] (§9 #18: Top-2, one sampled per step); the reward also gets the file
+     as batch['ref_pixels'] (§10 #18: Top-2, one sampled per step); the reward also gets the file
      as `ref_images` (top-1) for scoring outside the step.
   3. Data: digits training batches (images, labels, prompt tokens): the prompts drive the
      rollout, the images the optional flow-matching regulariser.
@@ -51,7 +51,7 @@ REFERENCE_FILE = 'refl_reference.npz'
 
 @dataclasses.dataclass(frozen=True)
 class ReFLConfig:
-  """Static ReFL settings (from `config.refl`; defaults ALGORITHMS.md §4.5, §9 #18)."""
+  """Static ReFL settings (from `config.refl`; defaults docs/algorithms.md §7, §10 #18)."""
   num_steps: int = 20
   schedule: str = 'linear'
   shift: float = 1.0

@@ -1,6 +1,6 @@
 """RewardDance reward-model training on the digits (`trainer: vlm_reward`), on the shared loop.
 
-One VLM learns both uses (ALGORITHMS.md §4.3):
+One VLM learns both uses (docs/algorithms.md §4.3):
   1. pointwise: prompt "does this image show <digit prompt> ?"; pairs (x_w matching the prompt,
      x_l another digit); loss = −log σ(s_w − s_l) + λ·[CE(yes | x_w) + CE(no | x_l)],
      s = log P(yes). A fraction `graded_fraction` of the pairs are the same matching digit at two
@@ -12,8 +12,8 @@ One VLM learns both uses (ALGORITHMS.md §4.3):
      first-token weight α as a knob);
   3. captioning (auxiliary, weight `caption_weight`, our choice): "<image> a handwritten digit" →
      next-token CE on the number word. It is the VLM's usual image-text pretraining stage in
-     miniature; without it the from-scratch model sat at chance for hundreds of steps, because
-     the yes/no answers alone give the vision encoder little signal about digit identity;
+     miniature: yes/no answers alone tell the vision encoder little about digit identity
+     (docs/digits_pipeline.md);
   total = w_p · pointwise + w_q · pairwise + caption_weight · caption (w_p = `pointwise_weight`,
   w_q = `pairwise_weight`, default 1; a term of weight 0 is not computed). AdamW; a non-finite
   step is skipped.
