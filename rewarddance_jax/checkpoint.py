@@ -1,6 +1,6 @@
 """Train-state checkpoints: a thin wrapper around Orbax's V0 `CheckpointManager`.
 
-Orbax stays behind this module (JAX_CONVENTIONS.md §7), so the later move to the V1
+Orbax stays behind this module (docs/design.md §5), so the later move to the V1
 `training.Checkpointer` only touches this file. What it does:
 
 1. `Checkpointer(directory)` creates the directory and an `ocp.CheckpointManager` with

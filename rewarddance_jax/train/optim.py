@@ -1,6 +1,6 @@
 """The optimizer from `config.optax`, and optimizer-state shardings that follow the params.
 
-Default (ALGORITHMS.md §9 #29): clip_by_global_norm(1.0) → AdamW(b1 0.9, b2 0.999, eps 1e-8,
+Default (docs/algorithms.md §10 #29): clip_by_global_norm(1.0) → AdamW(b1 0.9, b2 0.999, eps 1e-8,
 weight decay 1e-4), learning rate constant / linear warm-up + cosine decay. Moments are fp32
 because params are fp32 masters. Every numeric key is checked against its range (`RANGES`)
 first: a bad value is a one-line error naming `config.optax.<key>` and the value.
