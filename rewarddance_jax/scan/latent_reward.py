@@ -1,10 +1,10 @@
-"""Abstract latent-reward train step for the layout scanner (`parallel/scan.py` 'latent_reward').
+"""Abstract latent-reward train step for the layout scanner (scan/layouts.py 'latent_reward').
 
 The DiNa-LRM / PAVRM train step of `train/latent_reward.py` (`make_train_step`, unchanged) on a
 frozen generator backbone, every argument a sharded `jax.ShapeDtypeStruct`:
   1. Backbone: `config.model.family` 'sd3' → `models/backbone_sd3.SD3Backbone` over
      `models/sd3.SD3Generator` (the SD3Config fields of `config.model`); otherwise
-     `latent_reward.make_backbone` (the MMDiT generator). Base = `take(generator params)` in the
+     `rewards.latent.make_backbone` (the MMDiT generator). Base = `take(generator params)` in the
      model's param dtype, sharded by the config's rules.
   2. Trainable: the reward's LoRA (`backbone.init_lora`, shardings following the base kernels) and
      the head; AdamW over them only. State = {'params': {'lora', 'head'}, 'opt_state', 'base'},
@@ -18,13 +18,15 @@ base included, head and attention L² terms not counted), S = image patches + te
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from rewarddance_jax.parallel import sharding as sharding_lib
-from rewarddance_jax.parallel.abstract_grpo import _batch_leaf, _key, _size, abstract_model
-from rewarddance_jax.parallel.scan import AbstractStep, _abstract
+from rewarddance_jax.scan.step import (AbstractStep, abstract, abstract_model, batch_leaf,
+                                       key_struct, tree_size)
 
 
 def sd3_config(model_cfg):
@@ -50,7 +52,7 @@ def make_backbone(config):
   dims) for config.model."""
   # pylint: disable=import-outside-toplevel
   from rewarddance_jax.models.generator import Generator, generator_config
-  from rewarddance_jax.train import latent_reward
+  from rewarddance_jax.rewards import latent as latent_lib
   r = config.reward
   if config.model.get('family', 'mmdit') == 'sd3':
     from rewarddance_jax.models.backbone_sd3 import SD3_ATTENTION_TARGETS, SD3Backbone
@@ -63,7 +65,7 @@ def make_backbone(config):
                            scan=bool(config.model.get('scan_layers', False)))
     return (backbone, lambda: SD3Generator(cfg, rngs=nnx.Rngs(0)), 'external',
             (cfg.context_dim, cfg.pooled_dim), cfg.patch_size)
-  backbone = latent_reward.make_backbone(config)
+  backbone = latent_lib.make_backbone(config)
   gen_cfg = generator_config(config.model)
   return (backbone, lambda: Generator(gen_cfg, rngs=nnx.Rngs(0)), gen_cfg.text,
           (gen_cfg.mmdit.context_dim, gen_cfg.mmdit.pooled_dim), gen_cfg.patch_size)
@@ -72,6 +74,7 @@ def make_backbone(config):
 def abstract_latent_reward_step(config, mesh) -> AbstractStep:
   """The latent-reward train step of `config` on `mesh` (module docstring)."""
   # pylint: disable=import-outside-toplevel
+  from rewarddance_jax.rewards import latent as latent_lib
   from rewarddance_jax.train import common, latent_reward, optim
 
   rules = sharding_lib.rules_from_config(config.sharding_rules)
@@ -80,23 +83,22 @@ def abstract_latent_reward_step(config, mesh) -> AbstractStep:
   _, gen_params, gen_shard = abstract_model(factory, mesh, rules)
   base_shard = backbone.take(gen_shard)
   base = backbone.take(gen_params)
-  hcfg = latent_reward.head_config(config, backbone)
-  head_gd, head, head_shard = abstract_model(latent_reward.head_factory(config, hcfg, 0), mesh,
-                                             rules)
+  hcfg = latent_lib.head_config(config, backbone)
+  head_gd, head, head_shard = abstract_model(latent_lib.head_factory(config, hcfg, 0), mesh, rules)
   lora = jax.eval_shape(lambda b: backbone.init_lora(b, jax.random.key(0)), base)
   lora_shard = backbone.lora_shardings(lora, base_shard)
-  params = {'lora': _abstract(lora, lora_shard), 'head': head}
+  params = {'lora': abstract(lora, lora_shard), 'head': head}
   pshard = {'lora': lora_shard, 'head': head_shard}
   tx = optim.make_optimizer(config.optax)
   oshard = optim.opt_state_shardings(tx, params, pshard, mesh)
-  state = {'params': params, 'opt_state': _abstract(jax.eval_shape(tx.init, params), oshard),
+  state = {'params': params, 'opt_state': abstract(jax.eval_shape(tx.init, params), oshard),
            'base': base}
   shardings = {'params': pshard, 'opt_state': oshard, 'base': base_shard}
 
   p = config.pairs
   b, text_len = int(p.batch_size), int(p.max_text_len)
   latent = tuple(int(s) for s in p.latent_shape)
-  leaf = lambda shape, dtype: _batch_leaf(mesh, rules, shape, dtype)  # pylint: disable=unnecessary-lambda-assignment
+  leaf = functools.partial(batch_leaf, mesh, rules)
   batch = {'chosen': leaf((b,) + latent, jnp.float32),
            'rejected': leaf((b,) + latent, jnp.float32),
            'mask': leaf((b, text_len), jnp.bool_), 'kind': leaf((b,), jnp.int32)}
@@ -110,7 +112,7 @@ def abstract_latent_reward_step(config, mesh) -> AbstractStep:
   with common.mesh_context(mesh, rules):
     jitted = jax.jit(step, in_shardings=(shardings, None, None),
                      out_shardings=(shardings, None), donate_argnums=(0,))
-  num_params = _size(base)
+  num_params = tree_size(base)
   s = (latent[0] // patch) * (latent[1] // patch) + text_len
-  return AbstractStep(jitted=jitted, args=(state, batch, _key(mesh)), mesh=mesh, rules=rules,
+  return AbstractStep(jitted=jitted, args=(state, batch, key_struct(mesh)), mesh=mesh, rules=rules,
                       num_params=num_params, tokens=2 * b * s, flops_per_param_token=6)
