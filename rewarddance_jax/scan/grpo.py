@@ -47,9 +47,18 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from rewarddance_jax.models.generator import Generator, generator_config
+from rewarddance_jax.models.vae import VAE_PRESETS, AutoencoderKL
+from rewarddance_jax.models.vlm import InternVL, vlm_config
+from rewarddance_jax.nn import lora as lora_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.rewards import base, registry
+from rewarddance_jax.rewards.vlm_losses import yes_probability
+from rewarddance_jax.rewards.vlm_yes import TileSpec, answer_logits, vlm_tiles
 from rewarddance_jax.scan.step import (AbstractStep, abstract, abstract_model, batch_leaf,
                                        key_struct, tree_size)
+from rewarddance_jax.train import common, grpo_step, optim
+from rewarddance_jax.train import grpo as grpo_trainer
 
 
 def _replicated(mesh, tree):
@@ -81,13 +90,6 @@ def abstract_vlm_reward(rcfg, mesh, rules, *, scan_layers: bool = False):
   `rcfg` is `config.scan.reward`: vlm (a `models.vlm.presets` dict), vae (a VAE_PRESETS name),
   vae_dtype (its compute dtype; vae='' uses `stand_in_pixels` with pixel_factor), max_len (prompt tokens), yes_id / no_id.
   """
-  # pylint: disable=import-outside-toplevel
-  from rewarddance_jax.models.vae import VAE_PRESETS, AutoencoderKL
-  from rewarddance_jax.models.vlm import InternVL, vlm_config
-  from rewarddance_jax.rewards import base
-  from rewarddance_jax.rewards.vlm_losses import yes_probability
-  from rewarddance_jax.rewards.vlm_yes import TileSpec, answer_logits, vlm_tiles
-
   vlm_dict = dict(rcfg.vlm)
   vlm_dict['scan_layers'] = bool(scan_layers)
   vcfg = vlm_config(vlm_dict)
@@ -127,7 +129,6 @@ def abstract_vlm_reward(rcfg, mesh, rules, *, scan_layers: bool = False):
 
 def abstract_rewards(config, mesh, rules):
   """(WeightedRewards with abstract params, extra batch leaves, reward FLOPs per sample)."""
-  from rewarddance_jax.rewards import base, registry  # pylint: disable=import-outside-toplevel
   rcfg = config.get('scan', {}).get('reward', None)
   if rcfg is not None:
     reward, extra, flops = abstract_vlm_reward(
@@ -142,8 +143,7 @@ def _latent_shape(config) -> tuple[int, ...]:
   shape = config.data.get('latent_shape', None)
   if shape is not None:
     return tuple(int(s) for s in shape)
-  from rewarddance_jax.train import grpo  # pylint: disable=import-outside-toplevel
-  return grpo.IMAGE_SHAPE
+  return grpo_trainer.IMAGE_SHAPE
 
 
 def _cond_batch(config, gen_cfg, mesh, rules, b: int) -> dict:
@@ -195,7 +195,6 @@ def lora_setup(config) -> dict | None:
   """The trainer's `config.grpo.lora` (rank, alpha, targets; `train/grpo_step.LoRAConfig`) plus
   the scanner's `config.lora_base_dtype` (the frozen base's dtype, bf16 by default), or None for
   full fine-tuning (rank 0)."""
-  from rewarddance_jax.train import grpo_step  # pylint: disable=import-outside-toplevel
   lcfg = grpo_step.GRPOConfig.from_config(config.grpo).lora
   if lcfg.rank <= 0:
     return None
@@ -205,11 +204,6 @@ def lora_setup(config) -> dict | None:
 
 def abstract_policy(config, mesh, rules) -> Policy:
   """Generator, trainable tree (full or `config.grpo.lora`), AdamW state, rl counters, trajectory."""
-  # pylint: disable=import-outside-toplevel
-  from rewarddance_jax.models.generator import Generator, generator_config
-  from rewarddance_jax.nn import lora as lora_lib
-  from rewarddance_jax.train import grpo_step, optim
-
   gen_cfg = generator_config(config.model)
   gcfg = grpo_step.GRPOConfig.from_config(config.grpo)
   b = int(config.data.batch_size)
@@ -264,10 +258,6 @@ def abstract_policy(config, mesh, rules) -> Policy:
 
 def _grpo_setup(config, mesh):
   """(rules, policy, rewards, batch, GRPO functions, FLOPs {rollout, update, reward})."""
-  # pylint: disable=import-outside-toplevel
-  from rewarddance_jax.models.generator import generator_config
-  from rewarddance_jax.train import grpo, grpo_step
-
   rules = sharding_lib.rules_from_config(config.sharding_rules)
   sharding_lib.check_rules(rules, mesh)
   pol = abstract_policy(config, mesh, rules)
@@ -276,10 +266,9 @@ def _grpo_setup(config, mesh):
   batch = dict(pol.cond)
   for name, (tail, dtype) in extra.items():
     batch[name] = batch_leaf(mesh, rules, (b,) + tuple(tail), dtype)
-  from rewarddance_jax.train import optim  # pylint: disable=import-outside-toplevel
   fns = grpo_step.make_grpo_functions(
       pol.graphdef, optim.make_optimizer(config.optax), gcfg, _latent_shape(config),
-      reward_names=rewards.names, reward_weights=rewards.weights, decode=grpo.decode_unit,
+      reward_names=rewards.names, reward_weights=rewards.weights, decode=grpo_trainer.decode_unit,
       model_params=pol.model_params)
   s = _generator_tokens(config, generator_config(config.model))
   flops = {'rollout': 2.0 * pol.num_params * s * b * gcfg.num_steps,
@@ -291,7 +280,6 @@ def _grpo_setup(config, mesh):
 
 def abstract_grpo_step(config, mesh) -> AbstractStep:
   """The full GRPO iteration of `config` on `mesh` (module docstring, item 2)."""
-  from rewarddance_jax.train import common  # pylint: disable=import-outside-toplevel
   rules, pol, rewards, batch, fns, flops, s = _grpo_setup(config, mesh)
   consts = dict(pol.frozen, rewards=rewards)
   with common.mesh_context(mesh, rules):
@@ -307,8 +295,6 @@ def abstract_grpo_rollout_step(config, mesh) -> AbstractStep:
 
   Resident while it runs (not arguments): the optimizer state, EMA, rl counters and the reward
   params (the reference too when kl_beta > 0)."""
-  # pylint: disable=import-outside-toplevel
-  from rewarddance_jax.train import common, grpo_step
   rules, pol, rewards, batch, fns, flops, s = _grpo_setup(config, mesh)
   frozen = {k: v for k, v in pol.frozen.items() if k == 'base'}
 
@@ -331,7 +317,6 @@ def abstract_grpo_rollout_step(config, mesh) -> AbstractStep:
 def abstract_grpo_update_step(config, mesh) -> AbstractStep:
   """The GRPO update alone: (state, frozen, trajectory, per-reward scores, batch, key) → state,
   donated as in the fused step. Resident while it runs: the reward params."""
-  from rewarddance_jax.train import common  # pylint: disable=import-outside-toplevel
   rules, pol, rewards, batch, fns, flops, s = _grpo_setup(config, mesh)
   b = pol.batch_size
   per = {name: batch_leaf(mesh, rules, (b,), jnp.float32) for name in rewards.names}
@@ -348,7 +333,6 @@ def abstract_grpo_update_step(config, mesh) -> AbstractStep:
 
 def abstract_reward_step(config, mesh) -> AbstractStep:
   """The reward forward of `config` on `config.data.batch_size` samples (module docstring)."""
-  from rewarddance_jax.train import common  # pylint: disable=import-outside-toplevel
   rules = sharding_lib.rules_from_config(config.sharding_rules)
   sharding_lib.check_rules(rules, mesh)
   rewards, extra, reward_flops = abstract_rewards(config, mesh, rules)

@@ -18,23 +18,27 @@ base included, head and attention L² terms not counted), S = image patches + te
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rewarddance_jax.models.backbone_sd3 import SD3_ATTENTION_TARGETS, SD3Backbone
+from rewarddance_jax.models.generator import Generator, generator_config
+from rewarddance_jax.models.sd3 import SD3Config, SD3Generator
 from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.rewards import latent as latent_lib
 from rewarddance_jax.scan.step import (AbstractStep, abstract, abstract_model, batch_leaf,
                                        key_struct, tree_size)
+from rewarddance_jax.train import common, optim
+from rewarddance_jax.train import latent_reward as latent_trainer
 
 
 def sd3_config(model_cfg):
   """`SD3Config` from a config.model dict with family='sd3' ('name', 'family' and
   'scan_layers' are not SD3Config fields: the last one is the backbone's `scan`)."""
-  # pylint: disable=import-outside-toplevel
-  import dataclasses
-  from rewarddance_jax.models.sd3 import SD3Config
   fields = {f.name for f in dataclasses.fields(SD3Config)}
   d = dict(model_cfg)
   d.pop('scan_layers', None)
@@ -50,13 +54,8 @@ def sd3_config(model_cfg):
 def make_backbone(config):
   """(backbone, generator factory, conditioning kind 'tokens' | 'external', context / pooled
   dims) for config.model."""
-  # pylint: disable=import-outside-toplevel
-  from rewarddance_jax.models.generator import Generator, generator_config
-  from rewarddance_jax.rewards import latent as latent_lib
   r = config.reward
   if config.model.get('family', 'mmdit') == 'sd3':
-    from rewarddance_jax.models.backbone_sd3 import SD3_ATTENTION_TARGETS, SD3Backbone
-    from rewarddance_jax.models.sd3 import SD3Generator
     cfg = sd3_config(config.model)
     backbone = SD3Backbone(cfg, num_blocks=int(r.num_blocks),
                            layers=tuple(int(l) for l in r.layers), lora_rank=int(r.lora_rank),
@@ -73,10 +72,6 @@ def make_backbone(config):
 
 def abstract_latent_reward_step(config, mesh) -> AbstractStep:
   """The latent-reward train step of `config` on `mesh` (module docstring)."""
-  # pylint: disable=import-outside-toplevel
-  from rewarddance_jax.rewards import latent as latent_lib
-  from rewarddance_jax.train import common, latent_reward, optim
-
   rules = sharding_lib.rules_from_config(config.sharding_rules)
   sharding_lib.check_rules(rules, mesh)
   backbone, factory, text, (ctx_dim, pooled_dim), patch = make_backbone(config)
@@ -108,7 +103,7 @@ def abstract_latent_reward_step(config, mesh) -> AbstractStep:
     batch['txt'] = leaf((b, text_len, ctx_dim), jnp.float32)
     batch['pooled'] = leaf((b, pooled_dim), jnp.float32)
 
-  step = latent_reward.make_train_step(config, backbone, head_gd, tx)
+  step = latent_trainer.make_train_step(config, backbone, head_gd, tx)
   with common.mesh_context(mesh, rules):
     jitted = jax.jit(step, in_shardings=(shardings, None, None),
                      out_shardings=(shardings, None), donate_argnums=(0,))

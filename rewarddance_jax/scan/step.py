@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rewarddance_jax.parallel import aot
 from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.train import common
 
 
 @dataclasses.dataclass
@@ -54,7 +55,6 @@ class AbstractStep:
 
   def compile_report(self) -> dict[str, Any]:
     """`aot.compile_report` under the step's mesh and logical rules."""
-    from rewarddance_jax.train import common  # pylint: disable=import-outside-toplevel
     with common.mesh_context(self.mesh, self.rules):
       return aot.compile_report(self.jitted, *self.args)
 
