@@ -33,6 +33,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
+            "import-linter>=2.17",  # tests/test_layers.py: the import contracts of .importlinter
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",

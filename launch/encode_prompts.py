@@ -18,6 +18,7 @@ import numpy as np
 from absl import app, flags
 
 from rewarddance_jax import logs
+from rewarddance_jax.data import prompts as prompts_lib
 from rewarddance_jax.parallel import mesh as mesh_lib
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES
 from rewarddance_jax.weights import text_pipeline
@@ -48,8 +49,9 @@ def main(argv):
     encoder = text_pipeline.PipelineTextEncoder(
         _FAMILY.value, _PIPELINE.value, mesh, DEFAULT_RULES, t5_len=_T5_LEN.value,
         mask_text=_MASK.value, cache_dir=_CACHE.value, progress=True)
-    summary = text_pipeline.encode_prompt_file(encoder, _PROMPTS.value, _OUT.value,
-                                               batch_size=_BATCH.value, dtype=dtype)
+    records = prompts_lib.load_prompt_file(_PROMPTS.value)
+    summary = text_pipeline.encode_records(encoder, records, _OUT.value, batch_size=_BATCH.value,
+                                           dtype=dtype)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from e
   print(json.dumps(summary))

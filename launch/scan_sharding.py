@@ -7,12 +7,12 @@
   python -m launch.scan_sharding --config=configs/flux/grpo_flux_dev.py --topology=v5p:4x4x4 \
       --step=grpo
 
-  1. The topology's chip must be known (`parallel/scan.CHIPS`), the layouts must parse and
+  1. The topology's chip must be known (`scan/layouts.CHIPS`), the layouts must parse and
      libtpu must load; otherwise one `error: ...` line and a non-zero exit.
   2. Each layout (MESH:REMAT:scan|noscan[:STEP[:RULES]], MESH over `config.mesh.axes`, one size
-     may be -1) is compiled by `scan.scan_layouts`; 'default' is the config's
-     `scan.candidates` when it has them, else `scan.default_layouts` for the topology's device
-     count. `--step` sets the step of every layout that names none.
+     may be -1) is compiled by `scan/layouts.scan_layouts`; 'default' is the config's
+     `scan.candidates` when it has them, else `scan/layouts.default_layouts` for the topology's
+     device count. `--step` sets the step of every layout that names none.
   3. The markdown table (sorted by roofline estimate) is printed and, with --out, written.
 """
 
@@ -43,14 +43,17 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logs.quiet_libraries()
   # pylint: disable=import-outside-toplevel  # after flag parsing: jax start-up is slow
-  from rewarddance_jax.parallel import aot, scan
+  from rewarddance_jax.parallel import aot
+  from rewarddance_jax.scan import layouts as scanner
 
   topology = _TOPOLOGY.value
   try:
-    scan.chip_specs(topology)
-    layouts = None if _LAYOUTS.value.strip() == 'default' else scan.parse_layouts(_LAYOUTS.value)
-    if _STEP.value is not None and _STEP.value not in scan.STEP_BUILDERS:
-      raise ValueError(f'--step={_STEP.value!r} is not one of {sorted(scan.STEP_BUILDERS)}.')
+    scanner.chip_specs(topology)
+    layouts = (None if _LAYOUTS.value.strip() == 'default'
+               else scanner.parse_layouts(_LAYOUTS.value))
+    if _STEP.value is not None and _STEP.value not in scanner.STEP_BUILDERS:
+      raise ValueError(f'--step={_STEP.value!r} is not one of '
+                       f'{sorted(scanner.STEP_BUILDERS)}.')
   except ValueError as e:
     sys.exit(f'error: {e}')
   if not aot.libtpu_available():
@@ -69,15 +72,15 @@ def main(argv):
   if layouts is None:
     candidates = config.get('scan', {}).get('candidates', None)
     try:
-      layouts = (scan.parse_layouts(candidates) if candidates
-                 else scan.default_layouts(num_devices))
+      layouts = (scanner.parse_layouts(candidates) if candidates
+                 else scanner.default_layouts(num_devices))
     except ValueError as e:
       sys.exit(f'error: config scan.candidates: {e}')
   if _STEP.value is not None:
     layouts = [dict(l, step=l.get('step', _STEP.value)) for l in layouts]
 
-  rows = scan.scan_layouts(config, topology, layouts)
-  table = scan.format_table(rows)
+  rows = scanner.scan_layouts(config, topology, layouts)
+  table = scanner.format_table(rows)
   print(f'{topology} ({num_devices} chips), {len(rows)} layouts:\n{table}')
   for r in rows:
     if r.get('error') is None:

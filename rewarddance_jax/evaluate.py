@@ -169,18 +169,19 @@ def acceptance_checks(rows, dirs: dict, records: dict, targets) -> list[tuple[st
   return out
 
 
-def evaluate_pipeline(config, workdir: str, records: dict) -> dict:
+def evaluate_pipeline(config, workdir: str, records: dict, stages, reward_cfg) -> dict:
+  """The report of a finished pipeline run. stages: [(name, stage config, directory)] in run
+  order; reward_cfg: `config.evaluate.reward` with its `{stage}` placeholders filled (both from
+  `train/pipeline.py`, which calls this)."""
   from rewarddance_jax import judge as judge_lib  # pylint: disable=import-outside-toplevel
-  from rewarddance_jax.train import pipeline  # pylint: disable=import-outside-toplevel
   ecfg = config.evaluate
-  dirs = pipeline.stage_dirs(config, workdir)
-  score = make_scorer(pipeline._fill(ecfg.reward.to_dict(), dirs))  # pylint: disable=protected-access
+  dirs = {name: directory for name, _, directory in stages}
+  score = make_scorer(reward_cfg)
   judge = judge_lib.DigitJudge.load_or_train()
   tok = common.digits_tokenizer(None)
   key = jax.random.key(int(config.seed) + 1000)
   rows, grids, rl_stages = [], [], []
-  for index, name in enumerate(pipeline.stage_names(config)):
-    cfg = pipeline.stage_config(config.stages[name], dirs, int(config.seed) + index)
+  for name, cfg, _ in stages:
     if cfg.trainer not in GENERATOR_TRAINERS:
       continue
     graphdef, params = _stage_generator(cfg, dirs[name])

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs.digits import flow as flow_config
 from rewarddance_jax.nn import attention as attention_lib
 from rewarddance_jax.parallel import aot
-from rewarddance_jax.parallel import scan as scan_lib
+from rewarddance_jax.scan import flow as scan_flow
 from rewarddance_jax.train import common
 
 pytestmark = [
@@ -55,7 +55,7 @@ def test_flow_train_step_compiles_for_v5e():
   config = flow_config.get_config('runlocal')
   mesh = aot.tpu_topology_mesh(TOPOLOGY, (1, -1, 1))
   # Shape-only build (params, AdamW state, batch, key), jitted as `train/loop.py` jits it.
-  step = scan_lib.abstract_flow_train_step(config, mesh)
+  step = scan_flow.abstract_flow_train_step(config, mesh)
   train_state, batch, _ = step.args
   report = step.compile_report()
 

@@ -23,8 +23,9 @@ from flax import nnx
 from configs.digits import grpo as grpo_config
 from rewarddance_jax.models.generator import Generator, generator_config
 from rewarddance_jax.models.vlm import InternVL, vlm_config, vlm_preset
-from rewarddance_jax.parallel import aot, scan
+from rewarddance_jax.parallel import aot
 from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.scan import layouts as scanner
 
 pytestmark = [
     pytest.mark.tpu_aot,
@@ -52,7 +53,7 @@ def _num_params(factory):
 
 def test_grpo_step_compiles_with_hand_counted_flops():
   config = grpo_config.get_config('runlocal')
-  rows = scan.scan_layouts(config, TOPOLOGY, [{'mesh': (1, -1, 1), 'step': 'grpo'}])
+  rows = scanner.scan_layouts(config, TOPOLOGY, [{'mesh': (1, -1, 1), 'step': 'grpo'}])
   (row,) = rows
   assert row['error'] is None, row['error']
   assert row['layout'] == '1,-1,1:none:noscan:grpo' and row['num_devices'] == 4
@@ -81,7 +82,7 @@ def test_vlm_reward_step_from_shapes(monkeypatch):
   small = vae_lib.VAEConfig(latent_channels=4, block_out_channels=(32, 32), layers_per_block=1)
   monkeypatch.setitem(vae_lib.VAE_PRESETS, 'flux', small)
   config = _vlm_reward_config()
-  (row,) = scan.scan_layouts(config, TOPOLOGY, [{'mesh': (2, 2, 1), 'step': 'reward'}])
+  (row,) = scanner.scan_layouts(config, TOPOLOGY, [{'mesh': (2, 2, 1), 'step': 'reward'}])
   assert row['error'] is None, row['error']
   assert row['fits'] and row['argument_gib'] > 0
   vcfg = vlm_config(vlm_preset('tiny'))
@@ -107,11 +108,11 @@ def test_internvl3_presets_match_public_sizes(name, billions):
 
 
 def test_rule_set_layouts_parse_and_apply():
-  (layout,) = scan.parse_layouts('2,-1,1:full:scan:grpo:fsdp_all')
+  (layout,) = scanner.parse_layouts('2,-1,1:full:scan:grpo:fsdp_all')
   assert layout == {'mesh': (2, -1, 1), 'remat': 'full', 'scan_layers': True, 'step': 'grpo',
                     'rules': 'fsdp_all'}
-  assert scan.layout_label(layout) == '2,-1,1:full:scan:grpo:fsdp_all'
-  cfg = scan._apply_layout(grpo_config.get_config('runlocal'), layout)  # pylint: disable=protected-access
+  assert scanner.layout_label(layout) == '2,-1,1:full:scan:grpo:fsdp_all'
+  cfg = scanner._apply_layout(grpo_config.get_config('runlocal'), layout)  # pylint: disable=protected-access
   rules = dict(sharding_lib.rules_from_config(cfg.sharding_rules))
   assert rules['embed'] == ('fsdp', 'data') and rules['mlp'] == 'tensor'
   assert cfg.model.remat == 'full' and cfg.model.scan_layers

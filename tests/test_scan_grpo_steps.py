@@ -22,8 +22,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs.digits import grpo as grpo_config
 from rewarddance_jax.models.presets import model_preset
 from rewarddance_jax.nn import lora as lora_lib
-from rewarddance_jax.parallel import abstract_grpo, aot, scan
+from rewarddance_jax.parallel import aot
 from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.scan import grpo as scan_grpo
+from rewarddance_jax.scan import layouts as scanner
+from rewarddance_jax.scan.step import per_chip_bytes
 
 pytestmark = [
     pytest.mark.tpu_aot,
@@ -56,15 +59,15 @@ def test_per_chip_bytes_by_hand():
   mesh = aot.tpu_topology_mesh(TOPOLOGY, (1, 4, 1))
   tree = {'a': jax.ShapeDtypeStruct((8, 6), jnp.float32, sharding=NamedSharding(mesh, P('fsdp'))),
           'b': jax.ShapeDtypeStruct((5,), jnp.bfloat16, sharding=NamedSharding(mesh, P()))}
-  assert abstract_grpo.per_chip_bytes(tree) == 2 * 6 * 4 + 5 * 2
+  assert per_chip_bytes(tree) == 2 * 6 * 4 + 5 * 2
 
 
 def test_lora_policy_is_lora_only():
   config = _config(lora=True)
   mesh = aot.tpu_topology_mesh(TOPOLOGY, (1, 4, 1))
   rules = sharding_lib.rules_from_config(config.sharding_rules)
-  pol = abstract_grpo.abstract_policy(config, mesh, rules)
-  full = abstract_grpo.abstract_policy(_config(lora=False), mesh, rules)
+  pol = scan_grpo.abstract_policy(config, mesh, rules)
+  full = scan_grpo.abstract_policy(_config(lora=False), mesh, rules)
   base = pol.frozen['base']
   assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(jnp.bfloat16)}
   assert jax.tree.map(lambda x: x.sharding.spec, base) == jax.tree.map(
@@ -83,7 +86,7 @@ def test_lora_policy_is_lora_only():
 
 def test_rollout_and_update_steps_compile_with_lora():
   config = _config(lora=True)
-  rows = scan.scan_layouts(config, TOPOLOGY, [{'mesh': (1, -1, 1), 'step': s}
+  rows = scanner.scan_layouts(config, TOPOLOGY, [{'mesh': (1, -1, 1), 'step': s}
                                               for s in ('grpo_rollout', 'grpo_update')])
   by_step = {r['step']: r for r in rows}
   for r in rows:
@@ -91,19 +94,19 @@ def test_rollout_and_update_steps_compile_with_lora():
     assert r['fits'] and r['argument_gib'] > 0 and r['num_devices'] == 4
   mesh = aot.tpu_topology_mesh(TOPOLOGY, (1, 4, 1))
   rules = sharding_lib.rules_from_config(config.sharding_rules)
-  pol = abstract_grpo.abstract_policy(config, mesh, rules)
+  pol = scan_grpo.abstract_policy(config, mesh, rules)
   b, n, t = 4, 3, 2
   s = (16 // 4) ** 2 + config.data.max_text_len
   p = pol.num_params
   assert by_step['grpo_rollout']['model_flops'] == pytest.approx(2 * p * s * b * n / 4)
   assert by_step['grpo_update']['model_flops'] == pytest.approx(6 * p * s * b * t / 4)
-  rewards, _, _ = abstract_grpo.abstract_rewards(config, mesh, rules)
-  resident = abstract_grpo.per_chip_bytes(
+  rewards, _, _ = scan_grpo.abstract_rewards(config, mesh, rules)
+  resident = per_chip_bytes(
       [pol.state['opt_state'], pol.state['rl'], rewards])
   assert resident > 0
-  assert by_step['grpo_rollout']['resident_gib'] * scan.GIB == pytest.approx(resident)
-  assert by_step['grpo_update']['resident_gib'] * scan.GIB == pytest.approx(
-      abstract_grpo.per_chip_bytes(rewards))
+  assert by_step['grpo_rollout']['resident_gib'] * scanner.GIB == pytest.approx(resident)
+  assert by_step['grpo_update']['resident_gib'] * scanner.GIB == pytest.approx(
+      per_chip_bytes(rewards))
   # Memory analysis read back: every row's total exceeds its arguments (outputs, program); the
   # tiny update step may keep all its temporaries on chip (libtpu reports temp 0 for it).
   for r in rows:

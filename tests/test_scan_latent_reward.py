@@ -28,7 +28,8 @@ from rewarddance_jax.models.generator import unpack
 from rewarddance_jax.models.sd3 import SD3Config, SD3Generator
 from rewarddance_jax.nn import layers
 from rewarddance_jax.nn import lora as lora_lib
-from rewarddance_jax.parallel import aot, scan
+from rewarddance_jax.parallel import aot
+from rewarddance_jax.scan import layouts as scanner
 
 TINY = dict(latent_channels=4, patch_size=2, num_heads=2, head_dim=8, depth=3, context_dim=12,
             caption_projection_dim=16, pooled_dim=6, pos_embed_max_size=8,
@@ -136,7 +137,7 @@ def test_latent_reward_step_compiles():
   config.reward.update(num_blocks=1, layers=(1,), lora_rank=2, lora_alpha=4.0,
                        head=dict(num_queries=2, num_heads=2))
   config.pairs.update(batch_size=4, max_text_len=8, latent_shape=(8, 8, 4))
-  (row,) = scan.scan_layouts(config, 'v5e:2x2', [{'mesh': (1, -1, 1), 'remat': 'none',
+  (row,) = scanner.scan_layouts(config, 'v5e:2x2', [{'mesh': (1, -1, 1), 'remat': 'none',
                                                    'step': 'latent_reward'}])
   assert row['error'] is None, row['error']
   assert row['fits'] and row['argument_gib'] > 0 and row['temp_gib'] > 0

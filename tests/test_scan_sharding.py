@@ -18,7 +18,7 @@ import pytest
 
 from configs.digits import flow as flow_config
 from rewarddance_jax.parallel import aot
-from rewarddance_jax.parallel import scan
+from rewarddance_jax.scan import layouts as scanner
 
 pytestmark = [
     pytest.mark.tpu_aot,
@@ -41,7 +41,7 @@ def rows():
   # un-rematted step is compiled for the same topology in test_aot_tpu.py.
   layouts = [{'mesh': (3, 1, 1)},
              {'mesh': (1, -1, 1), 'remat': 'full', 'scan_layers': True}]
-  return scan.scan_layouts(flow_config.get_config('runlocal'), TOPOLOGY, layouts)
+  return scanner.scan_layouts(flow_config.get_config('runlocal'), TOPOLOGY, layouts)
 
 
 def test_rows_memory_fits_and_order(rows):
@@ -78,35 +78,35 @@ def test_a_layout_whose_resident_state_cannot_be_sharded_is_an_error_row(monkeyp
     def resident_bytes(self):
       raise ValueError('axis 0 of (151674, 3584) is not divisible by 4')
 
-  monkeypatch.setitem(scan.STEP_BUILDERS, 'flow', lambda cfg, mesh: Step())
-  rows = scan.scan_layouts(flow_config.get_config('runlocal'), TOPOLOGY,
+  monkeypatch.setitem(scanner.STEP_BUILDERS, 'flow', lambda cfg, mesh: Step())
+  rows = scanner.scan_layouts(flow_config.get_config('runlocal'), TOPOLOGY,
                            [{'mesh': (1, 1, 4)}])
   assert rows[0]['error'] == 'ValueError: axis 0 of (151674, 3584) is not divisible by 4'
   assert not rows[0]['fits']
 
 
 def test_format_table_has_a_line_per_row(rows):
-  lines = scan.format_table(rows).splitlines()
+  lines = scanner.format_table(rows).splitlines()
   assert len(lines) == 2 + len(rows)
   assert lines[0].startswith('| layout |') and lines[1].startswith('|---|')
   assert lines[-1].startswith('| 3,1,1:none:noscan | error: ValueError')
 
 
 def test_parse_layouts_and_defaults():
-  assert scan.parse_layouts('1,-1,1:full:scan; 2,2,1:none:noscan') == [
+  assert scanner.parse_layouts('1,-1,1:full:scan; 2,2,1:none:noscan') == [
       {'mesh': (1, -1, 1), 'remat': 'full', 'scan_layers': True},
       {'mesh': (2, 2, 1), 'remat': 'none', 'scan_layers': False}]
   for text, match in (('1,-1,1:full', 'expected MESH'), ('a,1,1:none:scan', 'integers'),
                       ('1,-1,1:full:yes', 'scan'), ('1,-1,1:full:scan:bogus', 'unknown step'),
                       ('1,-1,1:full:scan:grpo:bogus', 'unknown rule set')):
     with pytest.raises(ValueError, match=match):
-      scan.parse_layouts(text)
-  defaults = scan.default_layouts(4)
+      scanner.parse_layouts(text)
+  defaults = scanner.default_layouts(4)
   assert len(defaults) == 16 and all(4 % math.prod(s for s in d['mesh'] if s != -1) == 0
                                      for d in defaults)
-  assert len(scan.default_layouts(3)) == 8  # the meshes with a fixed 2 are dropped
+  assert len(scanner.default_layouts(3)) == 8  # the meshes with a fixed 2 are dropped
   with pytest.raises(ValueError, match='unknown TPU generation'):
-    scan.chip_specs('v9x:2x2')
+    scanner.chip_specs('v9x:2x2')
 
 
 def _launch(*args):

@@ -11,6 +11,7 @@ from rewarddance_jax.data import pairs as pairs_lib
 from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.parallel import mesh as mesh_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.rewards import latent as latent_lib
 from rewarddance_jax.train import common, latent_reward
 
 
@@ -111,7 +112,7 @@ def test_train_then_load_reward_and_resume(tmp_path):
   latent_reward.train(cfg, workdir)
   table = __import__('json').load(open(f'{workdir}/eval/accuracy_2.json'))
   assert set(table) == {'0.5'} and 0.0 <= table['0.5']['all'] <= 1.0
-  reward = latent_reward.load_reward(workdir)                    # σ(r_φ), PRFL's reward
+  reward = latent_lib.load_reward(workdir)                       # σ(r_φ), PRFL's reward
   assert reward.inputs == 'noisy_latents' and set(reward.params) == {'base', 'lora', 'head'}
   batch = _batch()
   out = jax.jit(lambda r, x, t, m: r({'noisy_latents': x, 'sigma': np.full(8, 0.3, np.float32)},

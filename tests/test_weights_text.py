@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
+from rewarddance_jax.data import prompts as prompts_lib  # noqa: E402
 from rewarddance_jax.models import prompt_encoder  # noqa: E402
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES  # noqa: E402
 from rewarddance_jax.weights import text as text_weights  # noqa: E402
@@ -120,8 +121,8 @@ def test_t5_and_clip_match_transformers(tmp_path):
   with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):   # batches of 2: compile at O0
     enc.encode = enc.encode.lower(*enc.inputs(prompts[:2])).compile(compiler_options=O0)
   (tmp_path / 'p.jsonl').write_text(''.join(f'{{"prompt": "{p}"}}\n' for p in prompts))
-  summary = text_pipeline.encode_prompt_file(enc, str(tmp_path / 'p.jsonl'),
-                                             str(tmp_path / 'enc'), batch_size=2)
+  records = prompts_lib.load_prompt_file(str(tmp_path / 'p.jsonl'))
+  summary = text_pipeline.encode_records(enc, records, str(tmp_path / 'enc'), batch_size=2)
   assert summary['prompts'] == 3
   stored = text_pipeline.EncodedPrompts(str(tmp_path / 'enc'))
   assert len(stored) == 3 and stored.prompts == prompts

@@ -5,7 +5,7 @@ Launch (after a base generator run, e.g. configs/digits/flow.py:steps=600 in /tm
       --config.reward.base_workdir=/tmp/latent_base --workdir=/tmp/reward_process
   python -m launch.train --config=configs/digits/reward_process.py:runlocal --workdir=/tmp/smoke
 The held-out per-σ accuracy table lands in <workdir>/eval/accuracy_<step>.json;
-`train.latent_reward.load_reward(workdir, sigmas=...)` turns the run into a `Reward`.
+`rewards.latent.load_reward(workdir, sigmas=...)` turns the run into a `Reward`.
 """
 
 import ml_collections

@@ -36,7 +36,7 @@ prompts=/data/flux_prompts,reward=thurstone,reward_path=/runs/lrm --workdir=/run
      (B = 192 rollouts), 16 'dance' SDE steps (η = 0.3, shift 3), 60% of the 15 trainable steps
      trained per sample, M = 3 minibatches (64 rollouts: one per chip on a 64-chip slice),
      guidance 3.5 (FLUX.1-dev's distilled guidance input), clip 1e-4.
-  4. Reward (`config.scan.reward`, read by `parallel/abstract_grpo.py`): x̂0 → FLUX VAE decode
+  4. Reward (`config.scan.reward`, read by `scan/grpo.py`): x̂0 → FLUX VAE decode
      → one 448² tile → InternVL3-8B (or -2B) → P("yes") at the answer position of a
      384-token prompt. Frozen, fp32 weights sharded like the generator's, bf16 compute.
   5. `config.layouts`: the default layout (MESH:REMAT:scan, for the rollout, reward and update

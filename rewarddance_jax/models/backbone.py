@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rewarddance_jax.models import mmdit
 from rewarddance_jax.models.generator import Generator, GeneratorConfig, pack
 from rewarddance_jax.nn import layers as layers_lib
 from rewarddance_jax.nn import lora as lora_lib
+from rewarddance_jax.nn import stack as stack_lib
 from rewarddance_jax.nn.rope import image_position_ids, rope_angles
 
 _EMBEDDERS = ('img_in', 'txt_in', 'time_in', 'vector_in', 'guidance_in')
@@ -186,4 +186,4 @@ class Backbone:
     else:
       stack = [nnx.merge(nnx.graphdef(abstract_stack[i]), params[i]) for i in range(lo, hi)]
     # The generator's own stack runner (scan / remat exactly as in the generator).
-    return mmdit._run_stack(stack, cfg, hi - lo, carry)  # pylint: disable=protected-access
+    return stack_lib.run_stack(stack, cfg, hi - lo, carry)

@@ -36,10 +36,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rewarddance_jax.models.generator import pack
-from rewarddance_jax.models.mmdit import REMAT_POLICIES
 from rewarddance_jax.models.sd3 import SD3Config, SD3Generator
 from rewarddance_jax.nn import layers as layers_lib
 from rewarddance_jax.nn import lora as lora_lib
+from rewarddance_jax.nn.stack import REMAT_POLICIES
 from rewarddance_jax.parallel.sharding import constrain
 
 _EMBEDDERS = ('img_in', 'pos_embed', 'txt_in', 'time_in', 'vector_in')

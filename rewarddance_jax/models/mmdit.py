@@ -14,7 +14,8 @@ so sharding on 'heads' keeps a head's q, k and v together; diffusers' separate t
 fused on import (weights/flux.py). The single block keeps its input projection as two kernels (qkv
 and mlp_in) and its output linear on concat(attn, mlp) as two (attn_out + mlp_out): the same
 function, with the parts sharding on 'heads' and 'mlp'.
-Layers optionally run as a `lax.scan` over stacked weights with a remat policy (config).
+Layers optionally run as a `lax.scan` over stacked weights with a remat policy (config;
+`nn/stack.py`).
 """
 
 from __future__ import annotations
@@ -28,14 +29,8 @@ from flax import nnx
 from rewarddance_jax.nn import layers
 from rewarddance_jax.nn.attention import attention
 from rewarddance_jax.nn.rope import apply_rope, rope_angles
+from rewarddance_jax.nn.stack import REMAT_POLICIES, make_stack, run_stack
 from rewarddance_jax.parallel.sharding import constrain
-
-REMAT_POLICIES = {
-    'none': None,
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'dots': jax.checkpoint_policies.checkpoint_dots,
-    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
 _TOKENS = ('act_batch', 'act_len', 'act_embed')
 
@@ -177,40 +172,6 @@ class SingleBlock(nnx.Module):
     return _constrain(self.cfg, x), vec, angles, mask
 
 
-def _make_stack(block_cls, cfg: MMDiTConfig, depth: int, rngs: nnx.Rngs):
-  if not cfg.scan_layers:
-    return nnx.List([block_cls(cfg, rngs) for _ in range(depth)])
-
-  @nnx.split_rngs(splits=depth)
-  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
-  def create(r):
-    return block_cls(cfg, r)
-
-  return create(rngs)
-
-
-def _run_stack(stack, cfg: MMDiTConfig, depth: int, carry):
-  policy = REMAT_POLICIES[cfg.remat]
-  if depth == 0:
-    return carry
-  if cfg.scan_layers:
-    graphdef, state = nnx.split(stack)
-
-    def body(c, s):
-      return nnx.merge(graphdef, s)(c), None
-
-    if cfg.remat != 'none':
-      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    carry, _ = jax.lax.scan(body, carry, state)
-    return carry
-  for block in stack:
-    if cfg.remat != 'none':
-      carry = nnx.remat(lambda b, c: b(c), policy=policy)(block, carry)
-    else:
-      carry = block(carry)
-  return carry
-
-
 class MMDiT(nnx.Module):
   """The transformer: packed image tokens + text tokens → velocity per image token."""
 
@@ -223,8 +184,8 @@ class MMDiT(nnx.Module):
     self.time_in = layers.MLPEmbedder(256, d, **kw)
     self.vector_in = layers.MLPEmbedder(cfg.pooled_dim, d, **kw)
     self.guidance_in = layers.MLPEmbedder(256, d, **kw) if cfg.guidance_embed else None
-    self.double_blocks = _make_stack(DoubleBlock, cfg, cfg.depth_double, rngs)
-    self.single_blocks = _make_stack(SingleBlock, cfg, cfg.depth_single, rngs)
+    self.double_blocks = make_stack(DoubleBlock, cfg, cfg.depth_double, rngs)
+    self.single_blocks = make_stack(SingleBlock, cfg, cfg.depth_single, rngs)
     self.final_mod = layers.Modulation(d, 2, **kw)
     # Zero-initialised output: the untrained model predicts v = 0 (stable start from scratch).
     self.final_out = layers.dense(d, cfg.out_channels or cfg.in_channels, ('embed', None),
@@ -250,11 +211,11 @@ class MMDiT(nnx.Module):
     if txt_mask is not None:
       mask = jnp.concatenate([txt_mask.astype(bool),
                               jnp.ones(img.shape[:2], bool)], axis=1)
-    img, txt, vec, angles, mask = _run_stack(self.double_blocks, cfg, cfg.depth_double,
-                                             (img, txt, vec, angles, mask))
+    img, txt, vec, angles, mask = run_stack(self.double_blocks, cfg, cfg.depth_double,
+                                            (img, txt, vec, angles, mask))
     n_txt = txt.shape[1]
     x = jnp.concatenate([txt, img], axis=1)
-    x, *_ = _run_stack(self.single_blocks, cfg, cfg.depth_single, (x, vec, angles, mask))
+    x, *_ = run_stack(self.single_blocks, cfg, cfg.depth_single, (x, vec, angles, mask))
     img = x[:, n_txt:]
     shift, scale = self.final_mod(vec)
     out = self.final_out(layers.modulate(layers.layer_norm(img), shift, scale))

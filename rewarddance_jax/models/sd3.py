@@ -26,9 +26,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rewarddance_jax.models.generator import pack, unpack
-from rewarddance_jax.models.mmdit import REMAT_POLICIES
 from rewarddance_jax.nn import layers
 from rewarddance_jax.nn.attention import attention
+from rewarddance_jax.nn.stack import REMAT_POLICIES
 
 
 class Buffer(nnx.Variable):

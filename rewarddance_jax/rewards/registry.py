@@ -69,9 +69,9 @@ def _vlm_yes(name: str, path: str, mode: str = 'pointwise', normalization: str =
 
 def _latent(name: str, path: str, sigmas=None, output: str = 'sigmoid') -> base.Reward:
   """A trained latent reward (DiNa-LRM Thurstone or PAVRM process) of a latent_reward run."""
-  from rewarddance_jax.train import latent_reward  # pylint: disable=import-outside-toplevel
+  from rewarddance_jax.rewards import latent  # pylint: disable=import-outside-toplevel
   sigmas = tuple(sigmas) if sigmas is not None else None
-  return latent_reward.load_reward(path, sigmas=sigmas, output=output, name=name)
+  return latent.load_reward(path, sigmas=sigmas, output=output, name=name)
 
 
 BUILDERS: dict[str, Builder] = {

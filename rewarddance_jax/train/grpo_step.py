@@ -31,7 +31,7 @@ shared loop jits once with the state donated. Inside, with nothing going back to
 
 The parts are separate functions (`make_grpo_functions`: rollout = item 1, score = the rewards of
 item 2, update = advantages + items 3-5) and `step` is their composition, so the layout scanner
-compiles the rollout and the update alone from the same code (parallel/abstract_grpo.py).
+compiles the rollout and the update alone from the same code (scan/grpo.py).
 `model_params(trainable, consts)` maps state['params'] to the generator's params: the identity
 (full fine-tuning) or e.g. a LoRA merged into a frozen base in consts['base'].
 

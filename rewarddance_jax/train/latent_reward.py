@@ -7,7 +7,8 @@ PAVRM process reward (`'process'`, rewards/process.py) on a frozen generator bac
      (models/backbone.py); '' builds a fresh generator from `config.model` (tests, smoke runs).
   2. Trainable: the reward's LoRA on the backbone and the head, the only tree with optimizer state.
      State = {'params': {'lora', 'head'}, 'opt_state', 'base'}; the base rides along unchanged, so
-     a reward checkpoint is self-contained (`load_reward(workdir)` rebuilds the `Reward`).
+     a reward checkpoint is self-contained (`rewards.latent.load_reward(workdir)` rebuilds the
+     `Reward`).
   3. Step: σ ~ `config.reward.sigma_sampler` (uniform; optional shift), one ε per pair: chosen and
      rejected share the noise and the level (§5.2, §6.2); scores of both in one batch; loss =
      `preference_loss` (Thurstone family) or `pair_loss` (PAVRM BCE / siamese BT). Optional
@@ -27,7 +28,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -39,9 +39,10 @@ from rewarddance_jax.data import pairs as pairs_lib
 from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.flow import matching
 from rewarddance_jax.models.backbone import Backbone, cond_from_batch
-from rewarddance_jax.models.generator import Generator, generator_config
+from rewarddance_jax.models.generator import Generator
 from rewarddance_jax.nn import lora as lora_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.rewards import latent as latent_lib
 from rewarddance_jax.rewards import process as process_lib
 from rewarddance_jax.rewards import thurstone as thurstone_lib
 from rewarddance_jax.train import common, loop as loop_lib, optim
@@ -55,29 +56,8 @@ _BATCH_KEYS = ('chosen', 'rejected', 'tokens', 'mask', 'kind')
 
 
 # ------------------------------------------------------------------------------------------------
-# Model pieces from the config.
+# The base generator (the backbone and head come from rewards/latent.py).
 # ------------------------------------------------------------------------------------------------
-
-
-def make_backbone(config) -> Backbone:
-  r = config.reward
-  return Backbone(generator_config(config.model), num_blocks=int(r.num_blocks),
-                  layers=tuple(int(l) for l in r.layers), lora_rank=int(r.lora_rank),
-                  lora_alpha=float(r.lora_alpha),
-                  lora_targets=str(r.get('lora_targets', lora_lib.ATTENTION_TARGETS)))
-
-
-def head_config(config, backbone: Backbone):
-  head = dict(config.reward.get('head', {}))
-  if config.reward.kind == 'thurstone':
-    return thurstone_lib.head_config(backbone, **head)
-  return process_lib.head_config(backbone, **head)
-
-
-def head_factory(config, hcfg, seed: int):
-  if config.reward.kind == 'thurstone':
-    return lambda: thurstone_lib.ThurstoneHead(hcfg, rngs=nnx.Rngs(seed))
-  return lambda: process_lib.PAVRMHead(hcfg, rngs=nnx.Rngs(seed))
 
 
 def _base_model_config(base_workdir: str) -> dict:
@@ -282,11 +262,11 @@ def build_state(config, mesh, rules):
   check_keys(config.reward, REWARD_KEYS, 'config.reward')
   if config.reward.kind not in KINDS:
     raise ValueError(f'config.reward.kind={config.reward.kind!r} is not one of {KINDS}.')
-  backbone = make_backbone(config)
+  backbone = latent_lib.make_backbone(config)
   base, base_shard = load_base(config, backbone, mesh, rules)
-  hcfg = head_config(config, backbone)
+  hcfg = latent_lib.head_config(config, backbone)
   head_gd, (head,), (head_shard,) = sharding_lib.sharded_init(
-      head_factory(config, hcfg, int(config.seed) + 1), mesh, rules)
+      latent_lib.head_factory(config, hcfg, int(config.seed) + 1), mesh, rules)
   lora_shard = backbone.lora_shardings(jax.eval_shape(lambda b: backbone.init_lora(
       b, jax.random.key(0)), base), base_shard)
   lora = jax.jit(lambda b: backbone.init_lora(b, jax.random.key(int(config.seed) + 2)),
@@ -335,45 +315,3 @@ def train(config, workdir: str) -> dict:
       step_fn=step_fn, data_iter=data_iter, to_device=to_device, mesh=mesh, rules=rules,
       hooks=hooks)
   return {'step': last}
-
-
-def load_reward(workdir: str, *, sigmas=None, output: str = 'sigmoid', name: str | None = None,
-                mesh=None, rules=None):
-  """The trained reward of a `latent_reward` run as a `Reward` (rewards/base.py), on `mesh`.
-
-  Thurstone: reads samples['latents'], `sigmas` = noise levels (default (0.4,); several levels =
-  the ensemble). Process: reads samples['noisy_latents'] + 'sigma'; `output` 'sigmoid' | 'logit'.
-  The reward's params are its own frozen tree (base blocks + LoRA + head) from the checkpoint.
-  """
-  with ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False) as c:
-    step = c.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'{workdir} has no reward checkpoint.')
-    config = ml_collections.ConfigDict(c.restore(step, json=('config',))['config'])
-  if mesh is None:
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1),
-                             ('data', 'fsdp', 'tensor'))
-  rules = rules or sharding_lib.rules_from_config(config.sharding_rules)
-  backbone = make_backbone(config)
-  gen_cfg = backbone.gen_cfg
-  _, (gen_abs,) = sharding_lib.abstract_state(lambda: Generator(gen_cfg, rngs=nnx.Rngs(0)), mesh,
-                                              rules)
-  base_shard = backbone.take(nnx.to_pure_dict(sharding_lib.state_shardings(gen_abs, mesh, rules)))
-  base_abs = jax.eval_shape(backbone.take, nnx.to_pure_dict(gen_abs))
-  head_gd, (head_abs,) = sharding_lib.abstract_state(
-      head_factory(config, head_config(config, backbone), 0), mesh, rules)
-  head_shard = nnx.to_pure_dict(sharding_lib.state_shardings(head_abs, mesh, rules))
-  lora_abs = jax.eval_shape(lambda b: backbone.init_lora(b, jax.random.key(0)), base_abs)
-  targets = {'params': ckpt_lib.abstract_like(
-                 {'lora': lora_abs, 'head': nnx.to_pure_dict(head_abs)},
-                 {'lora': backbone.lora_shardings(lora_abs, base_shard), 'head': head_shard}),
-             'base': ckpt_lib.abstract_like(base_abs, base_shard)}
-  with ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False) as c:
-    restored = c.restore(step, arrays=targets)
-  params, base = restored['params'], restored['base']
-  if config.reward.kind == 'thurstone':
-    return thurstone_lib.thurstone_reward(backbone, head_gd, base, params,
-                                          sigmas=tuple(sigmas or (0.4,)),
-                                          name=name or 'thurstone')
-  return process_lib.process_reward(backbone, head_gd, base, params, output=output,
-                                    name=name or 'pavrm')

@@ -136,7 +136,11 @@ def train(config, workdir: str) -> dict:
   records = run_stages(config, workdir)
   if records is None:
     return {'report': None}
-  report = evaluate.evaluate_pipeline(config, workdir, records)
+  dirs = stage_dirs(config, workdir)
+  stages = [(name, stage_config(config.stages[name], dirs, int(config.seed) + index), dirs[name])
+            for index, name in enumerate(stage_names(config))]
+  report = evaluate.evaluate_pipeline(config, workdir, records, stages,
+                                      _fill(config.evaluate.reward.to_dict(), dirs))
   print(report['summary'], flush=True)
   print(f'pipeline: {time.time() - t0:.0f} s this run; report at {report["path"]}', flush=True)
   return {'report': report['path']}

@@ -8,6 +8,8 @@ The key (also stored as the `meta` JSON item and compared on every load) covers
   3. the param layout: every target path with its shape and dtype (param dtype and scan flag
      included), and the converter version.
 Any mismatch means a fresh conversion; a stale entry in the same place is replaced.
+`load_model(spec, mesh, rules, cache_dir=...)` is what the families call: through the cache when
+`cache_dir` is set, else straight from safetensors (`loader.load_spec`).
 """
 
 from __future__ import annotations
@@ -72,3 +74,13 @@ def load_cached(spec: ModelSpec, mesh, sharding_rules, cache_dir: str, *,
     ckpt.save(0, arrays={'params': params}, json={'meta': meta}, force=True)
   jax.block_until_ready(params)
   return graphdef, params, False
+
+
+def load_model(spec: ModelSpec, mesh, sharding_rules, *, cache_dir: str | None = None,
+               progress: bool = False) -> tuple[nnx.GraphDef, dict]:
+  """(graphdef, params placed in their shardings) for `spec`; through the cache if `cache_dir`."""
+  if cache_dir:
+    graphdef, params, _ = load_cached(spec, mesh, sharding_rules, cache_dir, progress=progress)
+    return graphdef, params
+  graphdef, abstract = loader.abstract_params(spec.factory, mesh, sharding_rules)
+  return graphdef, loader.load_spec(spec, abstract, progress=progress)

@@ -59,7 +59,7 @@ def run(family: str, src: str | None = None, *, checkpoint: str | None = None,
       _, params, hit = cache.load_cached(spec, mesh, DEFAULT_RULES, cache_dir, progress=progress)
       summary['cache'] = 'hit' if hit else 'written'
     else:
-      _, params = loader.load_model(spec, mesh, DEFAULT_RULES, progress=progress)
+      _, params = cache.load_model(spec, mesh, DEFAULT_RULES, progress=progress)
     summary['src'] = src
   jax.block_until_ready(params)
   summary['params'] = param_count(params)

@@ -25,7 +25,7 @@ from flax import nnx
 
 from rewarddance_jax.models.generator import Generator, GeneratorConfig
 from rewarddance_jax.models.mmdit import MMDiTConfig
-from rewarddance_jax.weights import loader
+from rewarddance_jax.weights import cache, loader
 from rewarddance_jax.weights.spec import ModelSpec
 from rewarddance_jax.weights.keymap import (IDENTITY, LINEAR, LINEAR_SWAP_HALVES, SWAP_HALVES, Rule,
                                             expand_blocks)
@@ -169,8 +169,8 @@ def load(path: str, mesh, sharding_rules, *, cache_dir: str | None = None,
   `cache_dir` enables the converted-weights cache.
   """
   s = spec(path, **overrides)
-  graphdef, params = loader.load_model(s, mesh, sharding_rules, cache_dir=cache_dir,
-                                       progress=progress)
+  graphdef, params = cache.load_model(s, mesh, sharding_rules, cache_dir=cache_dir,
+                                      progress=progress)
   return graphdef, params, s.cfg
 
 

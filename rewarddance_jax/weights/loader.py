@@ -173,18 +173,6 @@ def load_spec(spec: ModelSpec, abstract: dict, *, progress: bool = False) -> dic
               progress=progress, what=f'{spec.family} weights {spec.source}')
 
 
-def load_model(spec: ModelSpec, mesh, sharding_rules, *, cache_dir: str | None = None,
-               progress: bool = False) -> tuple[nnx.GraphDef, dict]:
-  """(graphdef, params placed in their shardings) for `spec`; through the cache if `cache_dir`."""
-  if cache_dir:
-    from rewarddance_jax.weights import cache  # pylint: disable=g-import-not-at-top
-    graphdef, params, _ = cache.load_cached(spec, mesh, sharding_rules, cache_dir,
-                                            progress=progress)
-    return graphdef, params
-  graphdef, abstract = abstract_params(spec.factory, mesh, sharding_rules)
-  return graphdef, load_spec(spec, abstract, progress=progress)
-
-
 def _assemble(src: str, pieces: list[tuple[tuple | None, np.ndarray]]) -> np.ndarray:
   if len(pieces) == 1 and pieces[0][0] is None:
     return pieces[0][1]

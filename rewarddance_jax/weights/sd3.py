@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from rewarddance_jax.models.sd3 import SD3Config, SD3Generator
-from rewarddance_jax.weights import loader
+from rewarddance_jax.weights import cache, loader
 from rewarddance_jax.weights.spec import ModelSpec
 from rewarddance_jax.weights.keymap import (IDENTITY, LINEAR, LINEAR_SWAP_HALVES, SWAP_HALVES, Rule,
                                             Transform)
@@ -171,8 +171,8 @@ def load(path: str, mesh, sharding_rules, *, cache_dir: str | None = None,
          progress: bool = False, **overrides):
   """diffusers SD3 directory → (graphdef, params, SD3Config)."""
   s = spec(path, **overrides)
-  graphdef, params = loader.load_model(s, mesh, sharding_rules, cache_dir=cache_dir,
-                                       progress=progress)
+  graphdef, params = cache.load_model(s, mesh, sharding_rules, cache_dir=cache_dir,
+                                      progress=progress)
   return graphdef, params, s.cfg
 
 

@@ -19,7 +19,7 @@ from flax import nnx
 
 from rewarddance_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from rewarddance_jax.models.t5 import T5Config, T5Encoder
-from rewarddance_jax.weights import loader
+from rewarddance_jax.weights import cache
 from rewarddance_jax.weights import safetensors_io as st
 from rewarddance_jax.weights.keymap import IDENTITY, LINEAR, Rule
 from rewarddance_jax.weights.spec import ModelSpec
@@ -131,8 +131,8 @@ def load_t5(path: str, mesh, sharding_rules, *, cache_dir: str | None = None,
             progress: bool = False, **overrides):
   """transformers T5EncoderModel directory → (graphdef, params, T5Config)."""
   s = t5_spec(path, **overrides)
-  graphdef, params = loader.load_model(s, mesh, sharding_rules, cache_dir=cache_dir,
-                                       progress=progress)
+  graphdef, params = cache.load_model(s, mesh, sharding_rules, cache_dir=cache_dir,
+                                      progress=progress)
   return graphdef, params, s.cfg
 
 
@@ -140,6 +140,6 @@ def load_clip(path: str, mesh, sharding_rules, *, cache_dir: str | None = None,
               progress: bool = False, **overrides):
   """transformers CLIPTextModel[WithProjection] directory → (graphdef, params, CLIPTextConfig)."""
   s = clip_spec(path, **overrides)
-  graphdef, params = loader.load_model(s, mesh, sharding_rules, cache_dir=cache_dir,
-                                       progress=progress)
+  graphdef, params = cache.load_model(s, mesh, sharding_rules, cache_dir=cache_dir,
+                                      progress=progress)
   return graphdef, params, s.cfg

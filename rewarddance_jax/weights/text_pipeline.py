@@ -22,7 +22,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rewarddance_jax.data import prompts as prompts_lib
 from rewarddance_jax.models import prompt_encoder
 from rewarddance_jax.weights import safetensors_io as st
 from rewarddance_jax.weights import text
@@ -106,12 +105,11 @@ def write_encoded(encoder, records: Sequence, out_dir: str, *, batch_size: int =
   return files
 
 
-def encode_prompt_file(encoder, prompt_file: str, out_dir: str, *, batch_size: int = 8,
-                       dtype=np.float32) -> dict:
-  """A .jsonl/.csv prompt file → `write_encoded(out_dir)`; returns a summary (what
-  `python -m launch.encode_prompts` runs)."""
+def encode_records(encoder, records: Sequence, out_dir: str, *, batch_size: int = 8,
+                   dtype=np.float32) -> dict:
+  """`write_encoded(out_dir)` of the records of a prompt file (`data.prompts.load_prompt_file`);
+  returns a summary (what `python -m launch.encode_prompts` runs)."""
   start = time.time()
-  records = prompts_lib.load_prompt_file(prompt_file)
   files = write_encoded(encoder, records, out_dir, batch_size=batch_size, dtype=dtype)
   return {'prompts': len(records), 'files': len(files), 'seconds': round(time.time() - start, 2)}
 

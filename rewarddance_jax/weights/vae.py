@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from rewarddance_jax.models.vae import AutoencoderKL, VAEConfig
-from rewarddance_jax.weights import loader
+from rewarddance_jax.weights import cache, loader
 from rewarddance_jax.weights.spec import ModelSpec
 from rewarddance_jax.weights.keymap import CONV2D, IDENTITY, LINEAR, Rule
 
@@ -160,8 +160,8 @@ def load(path: str, mesh, sharding_rules, *, cache_dir: str | None = None,
          progress: bool = False, **overrides):
   """diffusers AutoencoderKL directory (or a pipeline's root) → (graphdef, params, VAEConfig)."""
   s = spec(path, **overrides)
-  graphdef, params = loader.load_model(s, mesh, sharding_rules, cache_dir=cache_dir,
-                                       progress=progress)
+  graphdef, params = cache.load_model(s, mesh, sharding_rules, cache_dir=cache_dir,
+                                      progress=progress)
   return graphdef, params, s.cfg
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from rewarddance_jax.models.mmdit import REMAT_POLICIES
+from rewarddance_jax.nn.stack import REMAT_POLICIES
 
 
 @dataclass(frozen=True)

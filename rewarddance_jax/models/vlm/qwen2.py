@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rewarddance_jax.models.mmdit import _make_stack, _run_stack
 from rewarddance_jax.models.vlm.config import VLMConfig
 from rewarddance_jax.nn import layers
+from rewarddance_jax.nn.stack import make_stack, run_stack
 from rewarddance_jax.parallel.sharding import constrain
 
 _TOKENS = ('act_batch', 'act_len', 'act_embed')
@@ -80,13 +80,13 @@ class Qwen2(nnx.Module):
         param_dtype=jnp.dtype(cfg.param_dtype),
         embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ('vocab', 'embed')),
         rngs=rngs)
-    self.layers = _make_stack(DecoderBlock, cfg, t.num_layers, rngs)
+    self.layers = make_stack(DecoderBlock, cfg, t.num_layers, rngs)
     self.norm = layers.RMSNorm(t.hidden_size, eps=t.rms_norm_eps, name='norm',
                                param_dtype=jnp.dtype(cfg.param_dtype))
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """x (B, L, D) input embeddings, mask (B, L) bool key mask or None → hidden (B, L, D)."""
     positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-    x, _, _ = _run_stack(self.layers, self.cfg, self.cfg.text.num_layers,
-                         (constrain(x, _TOKENS), positions, mask))
+    x, _, _ = run_stack(self.layers, self.cfg, self.cfg.text.num_layers,
+                        (constrain(x, _TOKENS), positions, mask))
     return self.norm(x)

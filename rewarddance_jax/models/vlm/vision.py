@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rewarddance_jax.models.mmdit import _make_stack, _run_stack
 from rewarddance_jax.models.vlm.config import VLMConfig
 from rewarddance_jax.nn import layers
 from rewarddance_jax.nn.attention import attention
+from rewarddance_jax.nn.stack import make_stack, run_stack
 from rewarddance_jax.parallel.sharding import constrain
 
 _TOKENS = ('act_batch', 'act_len', 'act_embed')
@@ -94,7 +94,7 @@ class VisionEncoder(nnx.Module):
     self.cls_token = nnx.Param(init(rngs.params(), (1, 1, d), pd), out_sharding=(None, None, 'embed'))
     self.pos_embed = nnx.Param(init(rngs.params(), (1, v.grid ** 2 + 1, d), pd),
                                out_sharding=(None, None, 'embed'))
-    self.layers = _make_stack(VisionBlock, cfg, v.num_layers, rngs)
+    self.layers = make_stack(VisionBlock, cfg, v.num_layers, rngs)
     self.final_norm = None if v.use_mean_pooling else LayerNorm(d, eps=v.norm_eps, param_dtype=pd)
 
   def __call__(self, tiles: jax.Array) -> jax.Array:
@@ -108,5 +108,5 @@ class VisionEncoder(nnx.Module):
     x = self.patch(x.reshape(n, g * g, p * p * c))
     cls = jnp.broadcast_to(self.cls_token[...].astype(dtype), (n, 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(dtype)
-    (x,) = _run_stack(self.layers, self.cfg, v.num_layers, (constrain(x, _TOKENS),))
+    (x,) = run_stack(self.layers, self.cfg, v.num_layers, (constrain(x, _TOKENS),))
     return x if self.final_norm is None else self.final_norm(x)

@@ -1,10 +1,10 @@
-"""Abstract latent-reward train step for the layout scanner (`parallel/scan.py` 'latent_reward').
+"""Abstract latent-reward train step for the layout scanner (scan/layouts.py 'latent_reward').
 
 The DiNa-LRM / PAVRM train step of `train/latent_reward.py` (`make_train_step`, unchanged) on a
 frozen generator backbone, every argument a sharded `jax.ShapeDtypeStruct`:
   1. Backbone: `config.model.family` 'sd3' → `models/backbone_sd3.SD3Backbone` over
      `models/sd3.SD3Generator` (the SD3Config fields of `config.model`); otherwise
-     `latent_reward.make_backbone` (the MMDiT generator). Base = `take(generator params)` in the
+     `rewards.latent.make_backbone` (the MMDiT generator). Base = `take(generator params)` in the
      model's param dtype, sharded by the config's rules.
   2. Trainable: the reward's LoRA (`backbone.init_lora`, shardings following the base kernels) and
      the head; AdamW over them only. State = {'params': {'lora', 'head'}, 'opt_state', 'base'},
@@ -18,21 +18,27 @@ base included, head and attention L² terms not counted), S = image patches + te
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rewarddance_jax.models.backbone_sd3 import SD3_ATTENTION_TARGETS, SD3Backbone
+from rewarddance_jax.models.generator import Generator, generator_config
+from rewarddance_jax.models.sd3 import SD3Config, SD3Generator
 from rewarddance_jax.parallel import sharding as sharding_lib
-from rewarddance_jax.parallel.abstract_grpo import _batch_leaf, _key, _size, abstract_model
-from rewarddance_jax.parallel.scan import AbstractStep, _abstract
+from rewarddance_jax.rewards import latent as latent_lib
+from rewarddance_jax.scan.step import (AbstractStep, abstract, abstract_model, batch_leaf,
+                                       key_struct, tree_size)
+from rewarddance_jax.train import common, optim
+from rewarddance_jax.train import latent_reward as latent_trainer
 
 
 def sd3_config(model_cfg):
   """`SD3Config` from a config.model dict with family='sd3' ('name', 'family' and
   'scan_layers' are not SD3Config fields: the last one is the backbone's `scan`)."""
-  # pylint: disable=import-outside-toplevel
-  import dataclasses
-  from rewarddance_jax.models.sd3 import SD3Config
   fields = {f.name for f in dataclasses.fields(SD3Config)}
   d = dict(model_cfg)
   d.pop('scan_layers', None)
@@ -48,13 +54,8 @@ def sd3_config(model_cfg):
 def make_backbone(config):
   """(backbone, generator factory, conditioning kind 'tokens' | 'external', context / pooled
   dims) for config.model."""
-  # pylint: disable=import-outside-toplevel
-  from rewarddance_jax.models.generator import Generator, generator_config
-  from rewarddance_jax.train import latent_reward
   r = config.reward
   if config.model.get('family', 'mmdit') == 'sd3':
-    from rewarddance_jax.models.backbone_sd3 import SD3_ATTENTION_TARGETS, SD3Backbone
-    from rewarddance_jax.models.sd3 import SD3Generator
     cfg = sd3_config(config.model)
     backbone = SD3Backbone(cfg, num_blocks=int(r.num_blocks),
                            layers=tuple(int(l) for l in r.layers), lora_rank=int(r.lora_rank),
@@ -63,7 +64,7 @@ def make_backbone(config):
                            scan=bool(config.model.get('scan_layers', False)))
     return (backbone, lambda: SD3Generator(cfg, rngs=nnx.Rngs(0)), 'external',
             (cfg.context_dim, cfg.pooled_dim), cfg.patch_size)
-  backbone = latent_reward.make_backbone(config)
+  backbone = latent_lib.make_backbone(config)
   gen_cfg = generator_config(config.model)
   return (backbone, lambda: Generator(gen_cfg, rngs=nnx.Rngs(0)), gen_cfg.text,
           (gen_cfg.mmdit.context_dim, gen_cfg.mmdit.pooled_dim), gen_cfg.patch_size)
@@ -71,32 +72,28 @@ def make_backbone(config):
 
 def abstract_latent_reward_step(config, mesh) -> AbstractStep:
   """The latent-reward train step of `config` on `mesh` (module docstring)."""
-  # pylint: disable=import-outside-toplevel
-  from rewarddance_jax.train import common, latent_reward, optim
-
   rules = sharding_lib.rules_from_config(config.sharding_rules)
   sharding_lib.check_rules(rules, mesh)
   backbone, factory, text, (ctx_dim, pooled_dim), patch = make_backbone(config)
   _, gen_params, gen_shard = abstract_model(factory, mesh, rules)
   base_shard = backbone.take(gen_shard)
   base = backbone.take(gen_params)
-  hcfg = latent_reward.head_config(config, backbone)
-  head_gd, head, head_shard = abstract_model(latent_reward.head_factory(config, hcfg, 0), mesh,
-                                             rules)
+  hcfg = latent_lib.head_config(config, backbone)
+  head_gd, head, head_shard = abstract_model(latent_lib.head_factory(config, hcfg, 0), mesh, rules)
   lora = jax.eval_shape(lambda b: backbone.init_lora(b, jax.random.key(0)), base)
   lora_shard = backbone.lora_shardings(lora, base_shard)
-  params = {'lora': _abstract(lora, lora_shard), 'head': head}
+  params = {'lora': abstract(lora, lora_shard), 'head': head}
   pshard = {'lora': lora_shard, 'head': head_shard}
   tx = optim.make_optimizer(config.optax)
   oshard = optim.opt_state_shardings(tx, params, pshard, mesh)
-  state = {'params': params, 'opt_state': _abstract(jax.eval_shape(tx.init, params), oshard),
+  state = {'params': params, 'opt_state': abstract(jax.eval_shape(tx.init, params), oshard),
            'base': base}
   shardings = {'params': pshard, 'opt_state': oshard, 'base': base_shard}
 
   p = config.pairs
   b, text_len = int(p.batch_size), int(p.max_text_len)
   latent = tuple(int(s) for s in p.latent_shape)
-  leaf = lambda shape, dtype: _batch_leaf(mesh, rules, shape, dtype)  # pylint: disable=unnecessary-lambda-assignment
+  leaf = functools.partial(batch_leaf, mesh, rules)
   batch = {'chosen': leaf((b,) + latent, jnp.float32),
            'rejected': leaf((b,) + latent, jnp.float32),
            'mask': leaf((b, text_len), jnp.bool_), 'kind': leaf((b,), jnp.int32)}
@@ -106,11 +103,11 @@ def abstract_latent_reward_step(config, mesh) -> AbstractStep:
     batch['txt'] = leaf((b, text_len, ctx_dim), jnp.float32)
     batch['pooled'] = leaf((b, pooled_dim), jnp.float32)
 
-  step = latent_reward.make_train_step(config, backbone, head_gd, tx)
+  step = latent_trainer.make_train_step(config, backbone, head_gd, tx)
   with common.mesh_context(mesh, rules):
     jitted = jax.jit(step, in_shardings=(shardings, None, None),
                      out_shardings=(shardings, None), donate_argnums=(0,))
-  num_params = _size(base)
+  num_params = tree_size(base)
   s = (latent[0] // patch) * (latent[1] // patch) + text_len
-  return AbstractStep(jitted=jitted, args=(state, batch, _key(mesh)), mesh=mesh, rules=rules,
+  return AbstractStep(jitted=jitted, args=(state, batch, key_struct(mesh)), mesh=mesh, rules=rules,
                       num_params=num_params, tokens=2 * b * s, flops_per_param_token=6)

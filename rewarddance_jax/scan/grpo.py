@@ -1,4 +1,4 @@
-"""Abstract GRPO and reward steps for the layout scanner (`parallel/scan.py` STEP_BUILDERS).
+"""Abstract GRPO and reward steps for the layout scanner (scan/layouts.py STEP_BUILDERS).
 
 Everything is a sharded `jax.ShapeDtypeStruct`; no parameter is ever materialised:
 
@@ -39,7 +39,7 @@ Analytic model FLOPs (matmul weights only, attention L² terms and VAE convoluti
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from typing import Any
 
 import jax
@@ -47,19 +47,18 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from rewarddance_jax.models.generator import Generator, generator_config
+from rewarddance_jax.models.vae import VAE_PRESETS, AutoencoderKL
+from rewarddance_jax.models.vlm import InternVL, vlm_config
+from rewarddance_jax.nn import lora as lora_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
-from rewarddance_jax.parallel.scan import AbstractStep, _abstract
-
-
-def _size(tree) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-
-
-def abstract_model(factory, mesh, rules):
-  """(graphdef, abstract params with shardings, param shardings) of `factory()`."""
-  graphdef, (state,) = sharding_lib.abstract_state(factory, mesh, rules)
-  pshard = nnx.to_pure_dict(sharding_lib.state_shardings(state, mesh, rules))
-  return graphdef, _abstract(nnx.to_pure_dict(state), pshard), pshard
+from rewarddance_jax.rewards import base, registry
+from rewarddance_jax.rewards.vlm_losses import yes_probability
+from rewarddance_jax.rewards.vlm_yes import TileSpec, answer_logits, vlm_tiles
+from rewarddance_jax.scan.step import (AbstractStep, abstract, abstract_model, batch_leaf,
+                                       key_struct, tree_size)
+from rewarddance_jax.train import common, grpo_step, optim
+from rewarddance_jax.train import grpo as grpo_trainer
 
 
 def _replicated(mesh, tree):
@@ -68,24 +67,14 @@ def _replicated(mesh, tree):
                                                      sharding=rep), tree)
 
 
-def _key(mesh):
-  return jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                              sharding=NamedSharding(mesh, P()))
-
-
-def _batch_leaf(mesh, rules, shape, dtype):
-  return jax.ShapeDtypeStruct(shape, dtype,
-                              sharding=sharding_lib.data_sharding(mesh, rules, len(shape)))
-
-
 def vlm_reward_flops(vlm_cfg, params, max_len: int) -> float:
   """Matmul FLOPs of one sample through the VLM reward (see the module docstring)."""
   model = params['model']
   grid = vlm_cfg.vision.grid
   lm = {k: v for k, v in model['lm'].items() if k != 'embed'}
   head = model.get('lm_head') or model['lm']['embed']
-  return 2.0 * (_size(model['vision']) * (grid * grid + 1) + _size(model['projector'])
-                * vlm_cfg.tokens_per_tile + _size(lm) * max_len + _size(head))
+  return 2.0 * (tree_size(model['vision']) * (grid * grid + 1) + tree_size(model['projector'])
+                * vlm_cfg.tokens_per_tile + tree_size(lm) * max_len + tree_size(head))
 
 
 def stand_in_pixels(latents: jax.Array, factor: int) -> jax.Array:
@@ -101,13 +90,6 @@ def abstract_vlm_reward(rcfg, mesh, rules, *, scan_layers: bool = False):
   `rcfg` is `config.scan.reward`: vlm (a `models.vlm.presets` dict), vae (a VAE_PRESETS name),
   vae_dtype (its compute dtype; vae='' uses `stand_in_pixels` with pixel_factor), max_len (prompt tokens), yes_id / no_id.
   """
-  # pylint: disable=import-outside-toplevel
-  from rewarddance_jax.models.vae import VAE_PRESETS, AutoencoderKL
-  from rewarddance_jax.models.vlm import InternVL, vlm_config
-  from rewarddance_jax.rewards import base
-  from rewarddance_jax.rewards.vlm_losses import yes_probability
-  from rewarddance_jax.rewards.vlm_yes import TileSpec, answer_logits, vlm_tiles
-
   vlm_dict = dict(rcfg.vlm)
   vlm_dict['scan_layers'] = bool(scan_layers)
   vcfg = vlm_config(vlm_dict)
@@ -147,7 +129,6 @@ def abstract_vlm_reward(rcfg, mesh, rules, *, scan_layers: bool = False):
 
 def abstract_rewards(config, mesh, rules):
   """(WeightedRewards with abstract params, extra batch leaves, reward FLOPs per sample)."""
-  from rewarddance_jax.rewards import base, registry  # pylint: disable=import-outside-toplevel
   rcfg = config.get('scan', {}).get('reward', None)
   if rcfg is not None:
     reward, extra, flops = abstract_vlm_reward(
@@ -162,13 +143,12 @@ def _latent_shape(config) -> tuple[int, ...]:
   shape = config.data.get('latent_shape', None)
   if shape is not None:
     return tuple(int(s) for s in shape)
-  from rewarddance_jax.train import grpo  # pylint: disable=import-outside-toplevel
-  return grpo.IMAGE_SHAPE
+  return grpo_trainer.IMAGE_SHAPE
 
 
 def _cond_batch(config, gen_cfg, mesh, rules, b: int) -> dict:
   text_len = int(config.data.max_text_len)
-  leaf = lambda shape, dtype: _batch_leaf(mesh, rules, shape, dtype)  # pylint: disable=unnecessary-lambda-assignment
+  leaf = functools.partial(batch_leaf, mesh, rules)
   if gen_cfg.text == 'tokens':
     return {'tokens': leaf((b, text_len), jnp.int32), 'mask': leaf((b, text_len), jnp.bool_)}
   mm = gen_cfg.mmdit
@@ -181,15 +161,6 @@ def _generator_tokens(config, gen_cfg) -> int:
   h, w = _latent_shape(config)[:2]
   p = gen_cfg.patch_size
   return (h // p) * (w // p) + int(config.data.max_text_len)
-
-
-def per_chip_bytes(tree) -> int:
-  """Bytes one chip holds of a tree of sharded `ShapeDtypeStruct`s (its shard of every leaf)."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-    total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
-  return total
 
 
 def _rows_leaf(mesh, rules, shape, dtype, axis):
@@ -224,7 +195,6 @@ def lora_setup(config) -> dict | None:
   """The trainer's `config.grpo.lora` (rank, alpha, targets; `train/grpo_step.LoRAConfig`) plus
   the scanner's `config.lora_base_dtype` (the frozen base's dtype, bf16 by default), or None for
   full fine-tuning (rank 0)."""
-  from rewarddance_jax.train import grpo_step  # pylint: disable=import-outside-toplevel
   lcfg = grpo_step.GRPOConfig.from_config(config.grpo).lora
   if lcfg.rank <= 0:
     return None
@@ -234,11 +204,6 @@ def lora_setup(config) -> dict | None:
 
 def abstract_policy(config, mesh, rules) -> Policy:
   """Generator, trainable tree (full or `config.grpo.lora`), AdamW state, rl counters, trajectory."""
-  # pylint: disable=import-outside-toplevel
-  from rewarddance_jax.models.generator import Generator, generator_config
-  from rewarddance_jax.nn import lora as lora_lib
-  from rewarddance_jax.train import grpo_step, optim
-
   gen_cfg = generator_config(config.model)
   gcfg = grpo_step.GRPOConfig.from_config(config.grpo)
   b = int(config.data.batch_size)
@@ -262,7 +227,7 @@ def abstract_policy(config, mesh, rules) -> Policy:
         p, rank=lcfg['rank'], alpha=lcfg['alpha'], targets=lcfg['targets'],
         key=jax.random.key(0)), params)
     tshard = lora_lib.lora_shardings(lora, pshard)
-    trainable = _abstract(lora, tshard)
+    trainable = abstract(lora, tshard)
     scale = lora_lib.lora_scale(lcfg['rank'], lcfg['alpha'])
 
     def model_params(lora, consts):
@@ -270,7 +235,7 @@ def abstract_policy(config, mesh, rules) -> Policy:
 
   tx = optim.make_optimizer(config.optax)
   oshard = optim.opt_state_shardings(tx, trainable, tshard, mesh)
-  state = {'params': trainable, 'opt_state': _abstract(jax.eval_shape(tx.init, trainable), oshard)}
+  state = {'params': trainable, 'opt_state': abstract(jax.eval_shape(tx.init, trainable), oshard)}
   shardings = {'params': tshard, 'opt_state': oshard}
   if gcfg.ema_decay > 0:
     state['ema'], shardings['ema'] = trainable, tshard
@@ -287,16 +252,12 @@ def abstract_policy(config, mesh, rules) -> Policy:
       'idx': _rows_leaf(mesh, rules, (b, t), jnp.int32, 0),
       'x0_hat': _rows_leaf(mesh, rules, (b,) + image, jnp.float32, 0)}
   return Policy(graphdef=graphdef, gcfg=gcfg, batch_size=b, state=state, shardings=shardings,
-                frozen=frozen, model_params=model_params, num_params=_size(params),
+                frozen=frozen, model_params=model_params, num_params=tree_size(params),
                 trajectory=trajectory, cond=_cond_batch(config, gen_cfg, mesh, rules, b))
 
 
 def _grpo_setup(config, mesh):
   """(rules, policy, rewards, batch, GRPO functions, FLOPs {rollout, update, reward})."""
-  # pylint: disable=import-outside-toplevel
-  from rewarddance_jax.models.generator import generator_config
-  from rewarddance_jax.train import grpo, grpo_step
-
   rules = sharding_lib.rules_from_config(config.sharding_rules)
   sharding_lib.check_rules(rules, mesh)
   pol = abstract_policy(config, mesh, rules)
@@ -304,11 +265,10 @@ def _grpo_setup(config, mesh):
   rewards, extra, reward_flops = abstract_rewards(config, mesh, rules)
   batch = dict(pol.cond)
   for name, (tail, dtype) in extra.items():
-    batch[name] = _batch_leaf(mesh, rules, (b,) + tuple(tail), dtype)
-  from rewarddance_jax.train import optim  # pylint: disable=import-outside-toplevel
+    batch[name] = batch_leaf(mesh, rules, (b,) + tuple(tail), dtype)
   fns = grpo_step.make_grpo_functions(
       pol.graphdef, optim.make_optimizer(config.optax), gcfg, _latent_shape(config),
-      reward_names=rewards.names, reward_weights=rewards.weights, decode=grpo.decode_unit,
+      reward_names=rewards.names, reward_weights=rewards.weights, decode=grpo_trainer.decode_unit,
       model_params=pol.model_params)
   s = _generator_tokens(config, generator_config(config.model))
   flops = {'rollout': 2.0 * pol.num_params * s * b * gcfg.num_steps,
@@ -320,13 +280,12 @@ def _grpo_setup(config, mesh):
 
 def abstract_grpo_step(config, mesh) -> AbstractStep:
   """The full GRPO iteration of `config` on `mesh` (module docstring, item 2)."""
-  from rewarddance_jax.train import common  # pylint: disable=import-outside-toplevel
   rules, pol, rewards, batch, fns, flops, s = _grpo_setup(config, mesh)
   consts = dict(pol.frozen, rewards=rewards)
   with common.mesh_context(mesh, rules):
     jitted = jax.jit(fns.step, in_shardings=(pol.shardings, None, None, None),
                      out_shardings=(pol.shardings, None), donate_argnums=(0,))
-  return AbstractStep(jitted=jitted, args=(pol.state, batch, _key(mesh), consts), mesh=mesh,
+  return AbstractStep(jitted=jitted, args=(pol.state, batch, key_struct(mesh), consts), mesh=mesh,
                       rules=rules, num_params=pol.num_params, tokens=s * pol.batch_size,
                       flops_per_param_token=0, analytic_flops=sum(flops.values()))
 
@@ -336,8 +295,6 @@ def abstract_grpo_rollout_step(config, mesh) -> AbstractStep:
 
   Resident while it runs (not arguments): the optimizer state, EMA, rl counters and the reward
   params (the reference too when kl_beta > 0)."""
-  # pylint: disable=import-outside-toplevel
-  from rewarddance_jax.train import common, grpo_step
   rules, pol, rewards, batch, fns, flops, s = _grpo_setup(config, mesh)
   frozen = {k: v for k, v in pol.frozen.items() if k == 'base'}
 
@@ -350,7 +307,7 @@ def abstract_grpo_rollout_step(config, mesh) -> AbstractStep:
     jitted = jax.jit(rollout_step)
   resident = {k: v for k, v in pol.state.items() if k != 'params'}
   resident.update(rewards=rewards, ref=pol.frozen['ref'])
-  return AbstractStep(jitted=jitted, args=(pol.state['params'], frozen, cond, _key(mesh),
+  return AbstractStep(jitted=jitted, args=(pol.state['params'], frozen, cond, key_struct(mesh),
                                            pol.state['rl']['iteration']),
                       mesh=mesh, rules=rules, num_params=pol.num_params,
                       tokens=s * pol.batch_size, flops_per_param_token=0,
@@ -360,16 +317,15 @@ def abstract_grpo_rollout_step(config, mesh) -> AbstractStep:
 def abstract_grpo_update_step(config, mesh) -> AbstractStep:
   """The GRPO update alone: (state, frozen, trajectory, per-reward scores, batch, key) → state,
   donated as in the fused step. Resident while it runs: the reward params."""
-  from rewarddance_jax.train import common  # pylint: disable=import-outside-toplevel
   rules, pol, rewards, batch, fns, flops, s = _grpo_setup(config, mesh)
   b = pol.batch_size
-  per = {name: _batch_leaf(mesh, rules, (b,), jnp.float32) for name in rewards.names}
+  per = {name: batch_leaf(mesh, rules, (b,), jnp.float32) for name in rewards.names}
   trajectory = {k: v for k, v in pol.trajectory.items() if k != 'x0_hat'}
   with common.mesh_context(mesh, rules):
     jitted = jax.jit(fns.update, in_shardings=(pol.shardings, None, None, None, None, None),
                      out_shardings=(pol.shardings, None), donate_argnums=(0,))
   return AbstractStep(jitted=jitted, args=(pol.state, pol.frozen, trajectory, per, pol.cond,
-                                           _key(mesh)),
+                                           key_struct(mesh)),
                       mesh=mesh, rules=rules, num_params=pol.num_params,
                       tokens=s * b, flops_per_param_token=0, analytic_flops=flops['update'],
                       resident={'rewards': rewards})
@@ -377,16 +333,15 @@ def abstract_grpo_update_step(config, mesh) -> AbstractStep:
 
 def abstract_reward_step(config, mesh) -> AbstractStep:
   """The reward forward of `config` on `config.data.batch_size` samples (module docstring)."""
-  from rewarddance_jax.train import common  # pylint: disable=import-outside-toplevel
   rules = sharding_lib.rules_from_config(config.sharding_rules)
   sharding_lib.check_rules(rules, mesh)
   rewards, extra, reward_flops = abstract_rewards(config, mesh, rules)
   b = int(config.data.batch_size)
   shape = (b,) + _latent_shape(config)
-  samples = {'latents': _batch_leaf(mesh, rules, shape, jnp.float32)}
+  samples = {'latents': batch_leaf(mesh, rules, shape, jnp.float32)}
   if 'pixels' in rewards.inputs:
-    samples['pixels'] = _batch_leaf(mesh, rules, shape, jnp.float32)
-  batch = {name: _batch_leaf(mesh, rules, (b,) + tuple(tail), dtype)
+    samples['pixels'] = batch_leaf(mesh, rules, shape, jnp.float32)
+  batch = {name: batch_leaf(mesh, rules, (b,) + tuple(tail), dtype)
            for name, (tail, dtype) in extra.items()}
 
   def forward(r, samples, batch, key):
@@ -394,12 +349,12 @@ def abstract_reward_step(config, mesh) -> AbstractStep:
 
   with common.mesh_context(mesh, rules):
     jitted = jax.jit(forward)
-  num_params = _size(rewards)
+  num_params = tree_size(rewards)
   resident = None
   if 'grpo' in config:   # inside a GRPO iteration: the policy and the trajectory stay resident
     pol = abstract_policy(config, mesh, rules)
     resident = {'state': pol.state, 'frozen': pol.frozen,
                 'trajectory': {k: v for k, v in pol.trajectory.items() if k != 'x0_hat'}}
-  return AbstractStep(jitted=jitted, args=(rewards, samples, batch, _key(mesh)), mesh=mesh,
+  return AbstractStep(jitted=jitted, args=(rewards, samples, batch, key_struct(mesh)), mesh=mesh,
                       rules=rules, num_params=num_params, tokens=b, flops_per_param_token=0,
                       analytic_flops=reward_flops * b, resident=resident)

@@ -3,15 +3,13 @@
 For each layout (mesh shape, remat policy, scan on/off) the step is built fully abstractly on the
 compile-only devices of the topology, compiled through libtpu, and summarised as one table row:
 
-  1. `abstract_flow_train_step(config, mesh)`: shape-only params (`sharding_lib.abstract_state`),
-     their NamedShardings from the config's rules, the AdamW state from `jax.eval_shape`, a batch of
-     `config.data.batch_size` and a key, all `jax.ShapeDtypeStruct`s with shardings; the step is
-     jitted as `train/loop.py` jits it (state donated). Returned as an `AbstractStep`. The other
-     steps register a builder in `STEP_BUILDERS` under the name a layout's 'step' key selects:
-     'grpo' (the whole GRPO iteration: rollout + reward + update) and 'reward' (the reward
-     forward), both in `parallel/abstract_grpo.py`, and 'grpo_rollout' / 'grpo_update' (the
-     iteration's rollout and update alone, from the same functions the fused step composes),
-     'latent_reward' (the DiNa-LRM / PAVRM train step, `parallel/abstract_latent_reward.py`).
+  1. A step builder `STEP_BUILDERS[name](config, mesh) -> AbstractStep` (scan/step.py), the
+     name a layout's 'step' key selects: 'flow' (the flow-matching train step, scan/flow.py),
+     'grpo' (the whole GRPO iteration: rollout + reward + update), 'grpo_rollout' /
+     'grpo_update' (the iteration's rollout and update alone, from the same functions the fused
+     step composes) and 'reward' (the reward forward), all in scan/grpo.py, and 'latent_reward'
+     (the DiNa-LRM / PAVRM train step, scan/latent_reward.py). Every argument is a sharded
+     `jax.ShapeDtypeStruct`; the step is jitted as the trainer's loop jits it (state donated).
   2. `scan_layouts(config, topology, layouts)`: applies each layout's overrides to a copy of the
      config (`mesh` → the topology mesh, `remat` / `scan_layers` → `config.model`, `rules` → a
      `RULE_SETS` override of `config.sharding_rules`), builds the step
@@ -32,18 +30,15 @@ compile-only devices of the topology, compiled through libtpu, and summarised as
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rewarddance_jax.parallel import aot
+from rewarddance_jax.scan import flow, grpo, latent_reward
+from rewarddance_jax.scan.step import AbstractStep
 
 GIB = 2**30
 HEADROOM = 0.9  # a layout fits when its per-chip total is at most this fraction of HBM
@@ -72,134 +67,17 @@ RULE_SETS = {
 }
 
 
-@dataclasses.dataclass
-class AbstractStep:
-  """A jitted step with abstract (sharded `ShapeDtypeStruct`) arguments, ready to compile."""
-  jitted: Callable
-  args: tuple
-  mesh: jax.sharding.Mesh
-  rules: Any
-  num_params: int
-  tokens: int                # tokens processed by one step, over all chips
-  flops_per_param_token: int  # 6 for a train step (fwd + bwd), 2 for a forward
-  analytic_flops: float | None = None  # set by steps whose FLOPs are not 6·P·tokens (GRPO)
-  # Arrays on the chips while this step runs that are not its arguments (a part of an iteration:
-  # e.g. the optimizer state during the rollout); None for a self-contained step.
-  resident: Any = None
-
-  @property
-  def resident_bytes(self) -> int:
-    """Per-chip bytes of `resident` (each leaf's shard)."""
-    if self.resident is None:
-      return 0
-    from rewarddance_jax.parallel import abstract_grpo  # pylint: disable=import-outside-toplevel
-    return abstract_grpo.per_chip_bytes(self.resident)
-
-  @property
-  def model_flops(self) -> float:
-    """Analytic FLOPs of one step over all chips (matmul weights only)."""
-    if self.analytic_flops is not None:
-      return float(self.analytic_flops)
-    return float(self.flops_per_param_token * self.num_params * self.tokens)
-
-  def compile_report(self) -> dict[str, Any]:
-    """`aot.compile_report` under the step's mesh and logical rules."""
-    from rewarddance_jax.train import common  # pylint: disable=import-outside-toplevel
-    with common.mesh_context(self.mesh, self.rules):
-      return aot.compile_report(self.jitted, *self.args)
-
-
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
-def abstract_flow_train_step(config, mesh) -> AbstractStep:
-  """The flow-matching train step of `config` on `mesh`, with nothing materialised.
-
-  `build_generator` would run the initialisers on the (compile-only) devices, which cannot execute
-  anything, so params come from a shape-only build.
-  """
-  # pylint: disable=import-outside-toplevel  # keeps `parallel` importable without the trainers
-  from rewarddance_jax.models.generator import Generator, generator_config
-  from rewarddance_jax.parallel import sharding as sharding_lib
-  from rewarddance_jax.train import common, flow as flow_trainer, optim
-
-  rules = sharding_lib.rules_from_config(config.sharding_rules)
-  sharding_lib.check_rules(rules, mesh)
-  gen_cfg = generator_config(config.model)
-  graphdef, (state,) = sharding_lib.abstract_state(
-      lambda: Generator(gen_cfg, rngs=nnx.Rngs(0)), mesh, rules)
-  pshard = nnx.to_pure_dict(sharding_lib.state_shardings(state, mesh, rules))
-  params = _abstract(nnx.to_pure_dict(state), pshard)
-
-  tx = optim.make_optimizer(config.optax)
-  oshard = optim.opt_state_shardings(tx, params, pshard, mesh)
-  opt_state = _abstract(jax.eval_shape(tx.init, params), oshard)
-  train_state = {'params': params, 'opt_state': opt_state}
-  shardings = {'params': pshard, 'opt_state': oshard}
-
-  b, text_len = int(config.data.batch_size), int(config.data.max_text_len)
-
-  def batch_leaf(shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype,
-                                sharding=sharding_lib.data_sharding(mesh, rules, len(shape)))
-
-  batch = {'images': batch_leaf((b,) + flow_trainer.IMAGE_SHAPE, jnp.float32),
-           'tokens': batch_leaf((b, text_len), jnp.int32),
-           'mask': batch_leaf((b, text_len), jnp.bool_)}
-  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                             sharding=NamedSharding(mesh, P()))
-
-  step = flow_trainer.make_train_step(graphdef, tx, config.flow, 0.0)
-  with common.mesh_context(mesh, rules):
-    # Same jit as `train/loop.py`: state shardings in and out, state donated.
-    jitted = jax.jit(step, in_shardings=(shardings, None, None),
-                     out_shardings=(shardings, None), donate_argnums=(0,))
-
-  h, w, _ = flow_trainer.IMAGE_SHAPE
-  p = gen_cfg.patch_size
-  tokens = b * ((h // p) * (w // p) + text_len)
-  num_params = sum(x.size for x in jax.tree.leaves(params))
-  return AbstractStep(jitted=jitted, args=(train_state, batch, key), mesh=mesh, rules=rules,
-                      num_params=num_params, tokens=tokens, flops_per_param_token=6)
-
-
-def _grpo_step(config, mesh) -> AbstractStep:
-  from rewarddance_jax.parallel import abstract_grpo  # pylint: disable=import-outside-toplevel
-  return abstract_grpo.abstract_grpo_step(config, mesh)
-
-
-def _reward_step(config, mesh) -> AbstractStep:
-  from rewarddance_jax.parallel import abstract_grpo  # pylint: disable=import-outside-toplevel
-  return abstract_grpo.abstract_reward_step(config, mesh)
-
-
-def _grpo_rollout_step(config, mesh) -> AbstractStep:
-  from rewarddance_jax.parallel import abstract_grpo  # pylint: disable=import-outside-toplevel
-  return abstract_grpo.abstract_grpo_rollout_step(config, mesh)
-
-
-def _latent_reward_step(config, mesh) -> AbstractStep:
-  from rewarddance_jax.parallel import abstract_latent_reward  # pylint: disable=import-outside-toplevel
-  return abstract_latent_reward.abstract_latent_reward_step(config, mesh)
-
-
-def _grpo_update_step(config, mesh) -> AbstractStep:
-  from rewarddance_jax.parallel import abstract_grpo  # pylint: disable=import-outside-toplevel
-  return abstract_grpo.abstract_grpo_update_step(config, mesh)
-
-
 # name -> builder(config, mesh) -> AbstractStep: the flow train step, the whole GRPO iteration
 # (rollout + reward + update, `train/grpo_step.py`), its rollout and update alone (the same
-# functions the fused step composes) and the reward forward (`parallel/abstract_grpo.py`).
+# functions the fused step composes), the reward forward (scan/grpo.py) and the latent-reward
+# train step (scan/latent_reward.py).
 STEP_BUILDERS: dict[str, Callable[[Any, Any], AbstractStep]] = {
-    'flow': abstract_flow_train_step,
-    'grpo': _grpo_step,
-    'grpo_rollout': _grpo_rollout_step,
-    'grpo_update': _grpo_update_step,
-    'reward': _reward_step,
-    'latent_reward': _latent_reward_step,
+    'flow': flow.abstract_flow_train_step,
+    'grpo': grpo.abstract_grpo_step,
+    'grpo_rollout': grpo.abstract_grpo_rollout_step,
+    'grpo_update': grpo.abstract_grpo_update_step,
+    'reward': grpo.abstract_reward_step,
+    'latent_reward': latent_reward.abstract_latent_reward_step,
 }
 
 
@@ -344,7 +222,7 @@ def scan_layouts(config, topology: str, layouts: Sequence[dict]) -> list[dict[st
     config: a training config (ConfigDict); it is copied, never modified.
     topology: a libtpu topology such as 'v5e:2x2' or 'v5p:4x4x4'.
     layouts: dicts with optional keys 'mesh' (sizes of `config.mesh.axes`, one may be -1),
-      'remat' (a `models.mmdit.REMAT_POLICIES` key), 'scan_layers' (bool), 'step' (a
+      'remat' (a `nn.stack.REMAT_POLICIES` key), 'scan_layers' (bool), 'step' (a
       `STEP_BUILDERS` key, default 'flow'), 'rules' (a `RULE_SETS` key, default 'config').
 
   Returns:
