@@ -327,13 +327,20 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
       # Row r of chunk c is row r of the update's minibatch c (same permutation): the generator
       # then sees the same rows in the same places in both programs (see `minibatch_perm`).
       m = gcfg.minibatches
+      if b % m:
+        raise ValueError(f'the GRPO batch ({b} rows) must be divisible by minibatches={m}.')
       perm = minibatch_perm(keys['shuffle'], b)
-      chunk = lambda a: jnp.take(a, perm, axis=0).reshape((m, b // m) + a.shape[1:])  # pylint: disable=unnecessary-lambda-assignment
+      inverse = jnp.argsort(perm)
+
+      def chunk(a):   # (B, ...) → (m, B/m, ...) in the update's minibatch order
+        return jnp.take(a, perm, axis=0).reshape((m, b // m) + a.shape[1:])
+
+      def steps_first(a):   # (m, K, B/m, ...) → (K, B, ...) in batch order
+        return jnp.take(jnp.moveaxis(a, 0, 1).reshape((a.shape[1], b) + a.shape[3:]), inverse,
+                        axis=1)
+
       out = jax.lax.map(lambda xs: run(*xs), (chunk(x_init), jax.tree.map(chunk, cond),
                                                jax.random.split(keys['rollout'], m)))
-      inverse = jnp.argsort(perm)
-      steps_first = lambda a: jnp.take(  # (m, K, b/m, ...) → (K, B, ...) in batch order  # pylint: disable=unnecessary-lambda-assignment
-          jnp.moveaxis(a, 0, 1).reshape((a.shape[1], b) + a.shape[3:]), inverse, axis=1)
       x, x_next, logp = (steps_first(a) for a in out[:3])
       x0_hat = jnp.take(out[3].reshape((b,) + out[3].shape[2:]), inverse, axis=0)
     return {'x': x, 'x_next': x_next, 'logp': logp, 'idx': idx, 'x0_hat': _rows(x0_hat)}
