@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from configs.digits import grpo as grpo_config
+from rewarddance_jax.families.digits import LATENT_SHAPE
+from rewarddance_jax.families.base import unit_decode
 from rewarddance_jax import metrics as metrics_lib
 from rewarddance_jax.parallel import mesh as mesh_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
@@ -50,9 +52,9 @@ def _setup(config, devices, fm_table=None):
     params, pshard = grpo_trainer.init_lora(gcfg.lora, frozen, pshard, jax.random.key(1))
   state, shard = grpo_trainer.build_state(config, params, pshard, tx, mesh, B, gcfg)
   rewards = base.WeightedRewards([(rules.mean_intensity(), 1.0)])
-  step = grpo_step.make_grpo_step(graphdef, tx, gcfg, grpo_trainer.IMAGE_SHAPE,
+  step = grpo_step.make_grpo_step(graphdef, tx, gcfg, LATENT_SHAPE,
                                   reward_names=rewards.names, reward_weights=rewards.weights,
-                                  decode=grpo_trainer.decode_unit)
+                                  decode=unit_decode)
   rng = np.random.default_rng(0)
   tokens = np.repeat(rng.integers(4, 40, size=(B // G, 8)).astype(np.int32), G, axis=0)
   host = {'tokens': tokens, 'mask': np.ones((B, 8), bool)}
@@ -203,7 +205,7 @@ def test_fm_term_alone_fits_the_real_images_and_pure_grpo_has_none():
   # real images (one fixed image per label): its loss must fall; without fm_weight there is no
   # such term and no metric.
   cfg = _config(**{'grpo.adv_clip': 0.0, 'grpo.fm_weight': 1.0, 'optax.lr': 3e-2})
-  table = np.random.default_rng(0).uniform(size=(B // G, 1) + grpo_trainer.IMAGE_SHAPE)
+  table = np.random.default_rng(0).uniform(size=(B // G, 1) + LATENT_SHAPE)
   state, run = _setup(cfg, jax.devices()[:1], fm_table=table.astype(np.float32))
   losses = []
   for it in range(12):
@@ -242,8 +244,8 @@ def test_best_of_trains_on_each_groups_best_and_worst_rows_only():
     tx = optim.make_optimizer(cfg.optax)
     state, _ = grpo_trainer.build_state(cfg, params, pshard, tx, mesh, B, gcfg)
     fns = grpo_step.make_grpo_functions(
-        graphdef, tx, gcfg, grpo_trainer.IMAGE_SHAPE, reward_names=rewards.names,
-        reward_weights=rewards.weights, decode=grpo_trainer.decode_unit)
+        graphdef, tx, gcfg, LATENT_SHAPE, reward_names=rewards.names,
+        reward_weights=rewards.weights, decode=unit_decode)
     tokens = np.repeat(np.arange(4, 12, dtype=np.int32).reshape(2, 4), G, axis=0)
     batch = {'tokens': jnp.asarray(tokens), 'mask': jnp.ones((B, 4), bool)}
     consts = {'rewards': rewards, 'ref': None, 'base': None}

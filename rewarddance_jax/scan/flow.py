@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rewarddance_jax.families.digits import LATENT_SHAPE
 from rewarddance_jax.models.generator import Generator, generator_config
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.scan.step import AbstractStep, abstract, batch_leaf, key_struct, tree_size
@@ -42,7 +43,7 @@ def abstract_flow_train_step(config, mesh) -> AbstractStep:
 
   b, text_len = int(config.data.batch_size), int(config.data.max_text_len)
   leaf = functools.partial(batch_leaf, mesh, rules)
-  batch = {'images': leaf((b,) + flow_trainer.IMAGE_SHAPE, jnp.float32),
+  batch = {'images': leaf((b,) + LATENT_SHAPE, jnp.float32),
            'tokens': leaf((b, text_len), jnp.int32),
            'mask': leaf((b, text_len), jnp.bool_)}
 
@@ -52,7 +53,7 @@ def abstract_flow_train_step(config, mesh) -> AbstractStep:
     jitted = jax.jit(step, in_shardings=(shardings, None, None),
                      out_shardings=(shardings, None), donate_argnums=(0,))
 
-  h, w, _ = flow_trainer.IMAGE_SHAPE
+  h, w, _ = LATENT_SHAPE
   p = gen_cfg.patch_size
   tokens = b * ((h // p) * (w // p) + text_len)
   return AbstractStep(jitted=jitted, args=(train_state, batch, key_struct(mesh)), mesh=mesh,

@@ -2,7 +2,7 @@
 
 The DiNa-LRM / PAVRM train step of `train/latent_reward.py` (`make_train_step`, unchanged) on a
 frozen generator backbone, every argument a sharded `jax.ShapeDtypeStruct`:
-  1. Backbone: `config.model.family` 'sd3' → `models/backbone_sd3.SD3Backbone` over
+  1. Backbone: `config.family` 'sd3' → `models/backbone_sd3.SD3Backbone` over
      `models/sd3.SD3Generator` (the SD3Config fields of `config.model`); otherwise
      `rewards.latent.make_backbone` (the MMDiT generator). Base = `take(generator params)` in the
      model's param dtype, sharded by the config's rules.
@@ -18,7 +18,6 @@ base included, head and attention L² terms not counted), S = image patches + te
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -27,7 +26,8 @@ from flax import nnx
 
 from rewarddance_jax.models.backbone_sd3 import SD3_ATTENTION_TARGETS, SD3Backbone
 from rewarddance_jax.models.generator import Generator, generator_config
-from rewarddance_jax.models.sd3 import SD3Config, SD3Generator
+from rewarddance_jax.families import sd3 as sd3_family
+from rewarddance_jax.models.sd3 import SD3Generator
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import latent as latent_lib
 from rewarddance_jax.scan.step import (AbstractStep, abstract, abstract_model, batch_leaf,
@@ -36,27 +36,12 @@ from rewarddance_jax.train import common, optim
 from rewarddance_jax.train import latent_reward as latent_trainer
 
 
-def sd3_config(model_cfg):
-  """`SD3Config` from a config.model dict with family='sd3' ('name', 'family' and
-  'scan_layers' are not SD3Config fields: the last one is the backbone's `scan`)."""
-  fields = {f.name for f in dataclasses.fields(SD3Config)}
-  d = dict(model_cfg)
-  d.pop('scan_layers', None)
-  unknown = set(d) - fields - {'name', 'family'}
-  if unknown:
-    raise ValueError(f'config.model (family sd3) has unknown key(s) {sorted(unknown)}.')
-  kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields}
-  if 'dual_attention_layers' in kw:
-    kw['dual_attention_layers'] = tuple(int(i) for i in kw['dual_attention_layers'])
-  return SD3Config(**kw)
-
-
 def make_backbone(config):
   """(backbone, generator factory, conditioning kind 'tokens' | 'external', context / pooled
   dims) for config.model."""
   r = config.reward
-  if config.model.get('family', 'mmdit') == 'sd3':
-    cfg = sd3_config(config.model)
+  if config.get('family', 'digits') == 'sd3':
+    cfg = sd3_family.model_config(dict(config.model))
     backbone = SD3Backbone(cfg, num_blocks=int(r.num_blocks),
                            layers=tuple(int(l) for l in r.layers), lora_rank=int(r.lora_rank),
                            lora_alpha=float(r.lora_alpha),

@@ -19,12 +19,13 @@ import optax
 from absl import logging
 from flax import nnx
 
+from rewarddance_jax.data import tokenizer as tokenizer_lib
+from rewarddance_jax.families.digits import LATENT_SHAPE
 from rewarddance_jax.data import pipeline
 from rewarddance_jax.flow import matching
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.train import common, generate, loop as loop_lib, optim
 
-IMAGE_SHAPE = (16, 16, 1)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, flow_cfg, ema_decay: float):
@@ -58,7 +59,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, flow_cfg, ema_de
 
 def train(config, workdir: str) -> dict:
   mesh, rules = common.setup_mesh(config)
-  tok = common.digits_tokenizer(workdir, config.model.get('vocab_size'))
+  tok = tokenizer_lib.load_or_build(workdir, config.model.get('vocab_size'))
   graphdef, params, pshard, gen_cfg = common.build_generator(config, mesh, rules)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   logging.info('Generator %s: %.3fM params.', config.model.get('name', ''), n_params / 1e6)
@@ -85,5 +86,5 @@ def train(config, workdir: str) -> dict:
   state, last = common.run_loop(
       config, workdir, desc='flow', state=state, shardings=shardings, step_fn=step_fn,
       data_iter=data_iter, to_device=to_device, mesh=mesh, rules=rules,
-      hooks=generate.judge_hooks(config, graphdef, tok, workdir, IMAGE_SHAPE))
+      hooks=generate.judge_hooks(config, graphdef, tok, workdir, LATENT_SHAPE))
   return {'step': last}

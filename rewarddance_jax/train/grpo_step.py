@@ -66,9 +66,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from rewarddance_jax.data import label_table
+from rewarddance_jax.families.base import COND_KEYS, Guidance, cond_from_batch, guided_velocity
 from rewarddance_jax.flow import matching, rollout as rollout_lib
 from rewarddance_jax.flow import schedules, steps
 from rewarddance_jax.nn import lora as lora_lib
@@ -77,21 +77,24 @@ from rewarddance_jax.rl import advantages as adv_lib
 from rewarddance_jax.rl import aggregate, ema as ema_lib, extremes, grpo_loss, kl as kl_lib
 from rewarddance_jax.rl import timesteps
 
-COND_KEYS = ('tokens', 'mask', 'txt', 'pooled')
 AGGREGATIONS = ('advantage', 'reward')
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
   """`config.grpo.lora`: rank 0 trains every weight; rank r > 0 trains a LoRA of the kernels
-  whose path matches `targets` (a regex, `nn/lora.py`), scale alpha / rank."""
+  whose path matches `targets` (a regex, `nn/lora.py`), scale alpha / rank, over the frozen
+  base stored in `base_dtype` (bf16 halves its memory; the blocks may compute in bf16 anyway)."""
   rank: int = 0
   alpha: float = 16.0
   targets: str = lora_lib.ATTENTION_TARGETS
+  base_dtype: str = 'float32'
 
   def __post_init__(self):
     if self.rank < 0:
       raise ValueError(f'grpo.lora.rank must be >= 0 (0 = full fine-tuning), got {self.rank}.')
+    if self.base_dtype not in ('float32', 'bfloat16'):
+      raise ValueError(f'grpo.lora.base_dtype={self.base_dtype!r} is not float32 or bfloat16.')
 
   @property
   def scale(self) -> float:
@@ -117,7 +120,6 @@ class GRPOConfig:
   kl_beta: float = 0.0
   rollout_kl: float = 0.0
   same_noise: bool = True
-  guidance: float = 0.0
   ema_decay: float = 0.0
   variance_window: int = 1000
   fm_weight: float = 0.0
@@ -171,11 +173,6 @@ class GRPOConfig:
                                 image_seq_len=image_seq_len)
 
 
-def cond_from_batch(batch: dict) -> dict:
-  """The generator's conditioning arrays of a batch (token ids or external embeddings)."""
-  return {k: batch[k] for k in COND_KEYS if k in batch}
-
-
 def _batch_size(batch: dict) -> int:
   for k in COND_KEYS:
     if k in batch:
@@ -227,6 +224,14 @@ def minibatch_perm(key: jax.Array, rows: int) -> jax.Array:
   return jax.random.permutation(key, rows)
 
 
+def policy_params(gcfg: 'GRPOConfig', trainable, consts):
+  """The generator's params: merge(consts['base'], LoRA) when training a LoRA, else the
+  trainable tree itself."""
+  if gcfg.lora.rank:
+    return lora_lib.merge(consts['base'], trainable, gcfg.lora.scale)
+  return trainable
+
+
 def identity_params(trainable, consts):
   """Full fine-tuning: the trainable tree is the generator's param tree."""
   del consts
@@ -254,12 +259,13 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
                    image_shape: tuple[int, ...], *, reward_names: tuple[str, ...],
                    reward_weights: dict[str, float],
                    decode: Callable[[jax.Array], jax.Array], image_seq_len: int | None = None,
-                   model_params: Callable | None = None):
+                   model_params: Callable | None = None, velocity: Callable | None = None):
   """The pure GRPO iteration `(state, batch, key, consts) -> (state, metrics)` (module docstring);
   `make_grpo_functions(...).step`."""
   return make_grpo_functions(graphdef, tx, gcfg, image_shape, reward_names=reward_names,
                              reward_weights=reward_weights, decode=decode,
-                             image_seq_len=image_seq_len, model_params=model_params).step
+                             image_seq_len=image_seq_len, model_params=model_params,
+                             velocity=velocity).step
 
 
 def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
@@ -267,7 +273,8 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
                         reward_weights: dict[str, float],
                         decode: Callable[[jax.Array], jax.Array],
                         image_seq_len: int | None = None,
-                        model_params: Callable | None = None) -> GRPOFunctions:
+                        model_params: Callable | None = None,
+                        velocity: Callable | None = None) -> GRPOFunctions:
   """Rollout, score, update and their composition `step` (see `GRPOFunctions`).
 
   Args:
@@ -282,8 +289,9 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
     image_seq_len: for the 'flux_dynamic' schedule.
     model_params: (trainable tree, consts) → generator params. Default: from `gcfg.lora`, the
       identity for full fine-tuning, merge(consts['base'], LoRA) for a LoRA (gradients and
-      optimizer state then cover the LoRA tree only). The layout scanner passes its own (e.g. a
-      bf16 base).
+      optimizer state then cover the LoRA tree only).
+    velocity: (params, x, σ, cond) → v of the guided generator (`GeneratorFamily.velocity`);
+      default: `graphdef` without guidance.
   """
   sigmas_np = gcfg.sigmas(image_seq_len)
   n = gcfg.num_steps
@@ -291,19 +299,10 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
   t_train = sel.num_trained
   kind, eta, g = gcfg.step_kind, gcfg.noise_level, gcfg.group_size
 
-  def policy(params, base):
-    """The generator's params: merge(base, LoRA) when training a LoRA, else `params`."""
-    return lora_lib.merge(base, params, gcfg.lora.scale) if gcfg.lora.rank else params
-
   if model_params is None:
-    model_params = lambda trainable, consts: policy(trainable, consts.get('base'))  # pylint: disable=unnecessary-lambda-assignment
+    model_params = lambda trainable, consts: policy_params(gcfg, trainable, consts)  # pylint: disable=unnecessary-lambda-assignment
 
-  def velocity(params, x, sigma, cond):
-    model = nnx.merge(graphdef, params)
-    guidance = None
-    if gcfg.guidance > 0:
-      guidance = jnp.full((x.shape[0],), gcfg.guidance, jnp.float32)
-    return model(x, sigma, cond, guidance)
+  velocity = velocity or guided_velocity(graphdef, Guidance())
 
   def rollout(params, batch, keys, iteration):
     b = _batch_size(batch)

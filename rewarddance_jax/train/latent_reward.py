@@ -240,7 +240,7 @@ def _tokenizer(config, workdir):
     os.makedirs(workdir, exist_ok=True)
     tokenizer_lib.save_tokenizer(tok, os.path.join(workdir, 'tokenizer.json'))
     return tok
-  return common.digits_tokenizer(workdir, config.model.get('vocab_size'))
+  return tokenizer_lib.load_or_build(workdir, config.model.get('vocab_size'))
 
 
 def make_pairs(config, tok, split: str, batch_size: int, seed: int):

@@ -20,14 +20,16 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from rewarddance_jax.data import tokenizer as tokenizer_lib
+from rewarddance_jax.families.digits import LATENT_SHAPE
+from rewarddance_jax.families.base import unit_decode
 from rewarddance_jax.data import pipeline
 from rewarddance_jax.flow import matching, rollout as rollout_lib, schedules, steps
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import registry
 from rewarddance_jax.rl import ema as ema_lib, prfl as prfl_lib
-from rewarddance_jax.train import common, generate, grpo, loop as loop_lib, optim
+from rewarddance_jax.train import common, generate, loop as loop_lib, optim
 
-IMAGE_SHAPE = (16, 16, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +80,7 @@ def make_prfl_step(graphdef, tx: optax.GradientTransformation, pcfg: PRFLConfig,
     x_next = x_s + (sig_next - sig) * v
     x0_hat = x_s - sig * v
     samples = {'noisy_latents': x_next, 'sigma': jnp.full((b,), sig_next),
-               'latents': x0_hat, 'pixels': grpo.decode_unit(x0_hat)}
+               'latents': x0_hat, 'pixels': unit_decode(x0_hat)}
     # The process reward reads the prompt (its backbone is the generator's text path).
     r = rewards.total(samples, {'labels': batch['labels'], **cond}, k_rew)
 
@@ -109,7 +111,7 @@ def make_prfl_step(graphdef, tx: optax.GradientTransformation, pcfg: PRFLConfig,
 def train(config, workdir: str) -> dict:
   mesh, rules = common.setup_mesh(config)
   pcfg = PRFLConfig.from_config(config.prfl)
-  tok = common.digits_tokenizer(workdir, config.model.get('vocab_size'))
+  tok = tokenizer_lib.load_or_build(workdir, config.model.get('vocab_size'))
   graphdef, params, pshard = common.init_policy(config, mesh, rules)
   tx = optim.make_optimizer(config.optax)
   state, shardings = common.policy_state(params, pshard, tx, mesh, pcfg.ema_decay)
@@ -126,8 +128,8 @@ def train(config, workdir: str) -> dict:
 
   state, last = common.run_loop(
       config, workdir, desc='prfl', state=state, shardings=shardings,
-      step_fn=make_prfl_step(graphdef, tx, pcfg, IMAGE_SHAPE), data_iter=data_iter,
+      step_fn=make_prfl_step(graphdef, tx, pcfg, LATENT_SHAPE), data_iter=data_iter,
       to_device=to_device, mesh=mesh, rules=rules,
-      hooks=generate.judge_hooks(config, graphdef, tok, workdir, IMAGE_SHAPE),
+      hooks=generate.judge_hooks(config, graphdef, tok, workdir, LATENT_SHAPE),
       consts={'rewards': rewards})
   return {'step': last}
