@@ -18,13 +18,13 @@ base included, head and attention L² terms not counted), S = image patches + te
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rewarddance_jax import config_lib
 from rewarddance_jax.models.backbone_sd3 import SD3_ATTENTION_TARGETS, SD3Backbone
 from rewarddance_jax.models.generator import Generator, generator_config
 from rewarddance_jax.models.sd3 import SD3Config, SD3Generator
@@ -39,16 +39,10 @@ from rewarddance_jax.train import latent_reward as latent_trainer
 def sd3_config(model_cfg):
   """`SD3Config` from a config.model dict with family='sd3' ('name', 'family' and
   'scan_layers' are not SD3Config fields: the last one is the backbone's `scan`)."""
-  fields = {f.name for f in dataclasses.fields(SD3Config)}
-  d = dict(model_cfg)
-  d.pop('scan_layers', None)
-  unknown = set(d) - fields - {'name', 'family'}
-  if unknown:
-    raise ValueError(f'config.model (family sd3) has unknown key(s) {sorted(unknown)}.')
-  kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields}
+  kw = {k: v for k, v in dict(model_cfg).items() if k not in ('scan_layers', 'name', 'family')}
   if 'dual_attention_layers' in kw:
     kw['dual_attention_layers'] = tuple(int(i) for i in kw['dual_attention_layers'])
-  return SD3Config(**kw)
+  return config_lib.section(SD3Config, kw, 'config.model (family sd3)')
 
 
 def make_backbone(config):

@@ -19,6 +19,7 @@ import os
 import jax
 from flax import nnx
 
+from rewarddance_jax import config_lib
 from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.models.generator import Generator, generator_config
 from rewarddance_jax.parallel import mesh as mesh_lib
@@ -121,9 +122,7 @@ def load_generator_weights(config, mesh, rules):
   weights cache, optional>), with config.model's runtime keys (RUNTIME_MODEL_KEYS) applied."""
   from rewarddance_jax.weights import flux  # pylint: disable=import-outside-toplevel
   w = dict(config.init.weights)
-  unknown = set(w) - {'family', 'src', 'cache_dir'}
-  if unknown:
-    raise ValueError(f'config.init.weights has unknown key(s) {sorted(unknown)}.')
+  config_lib.check_keys(w, ('family', 'src', 'cache_dir'), 'config.init.weights')
   if w.get('family', 'flux') != 'flux':
     raise ValueError(f'config.init.weights.family={w["family"]!r}: only flux generators can be '
                      'trained from public weights.')

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from rewarddance_jax import config_lib
 from rewarddance_jax.data import digits, label_table, pipeline, prompts as prompts_lib
 from rewarddance_jax.nn import lora as lora_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
@@ -59,9 +60,7 @@ def vae_decoder(config, mesh, rules):
   vcfg = dict(config.get('vae', {}))
   if not vcfg.get('src'):
     return None, None
-  unknown = set(vcfg) - {'src', 'cache_dir'}
-  if unknown:
-    raise ValueError(f'config.vae has unknown key(s) {sorted(unknown)}.')
+  config_lib.check_keys(vcfg, ('src', 'cache_dir'), 'config.vae')
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from rewarddance_jax.weights import vae as vae_weights  # pylint: disable=import-outside-toplevel
   graphdef, params, _ = vae_weights.load(vcfg['src'], mesh, rules,
