@@ -289,7 +289,7 @@ def test_reward_window_is_the_std_of_the_last_w_iterations():
 @pytest.mark.parametrize('overrides, match', [
     ({'data.batch_size': 6}, 'divisible by grpo.group_size'),
     ({'grpo.step_kind': 'ode'}, 'no log-probs'),
-    ({'grpo.group_size': 1}, 'group_size must be >= 2'),
+    ({'grpo.group_size': 1}, r'config.grpo.group_size=1 must be an integer in \[2, inf\)'),
 ])
 def test_bad_config_is_one_clear_error(tmp_path, overrides, match):
   cfg = _config(**overrides)

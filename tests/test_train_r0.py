@@ -178,5 +178,5 @@ def test_r0_plus_supervises_a_random_step():
 def test_bad_config_is_one_clear_error():
   with pytest.raises(ValueError, match='unknown key.*bogus'):
     r0_trainer.R0Config.from_config({'bogus': 1})
-  with pytest.raises(ValueError, match='eta_max'):
-    r0_trainer.R0Config(eta_max=2.0)
+  with pytest.raises(ValueError, match=r'^config.r0.eta_max=2.0 must be a number in \[0, 1\]\.$'):
+    r0_trainer.R0Config.from_config({'eta_max': 2.0})

@@ -37,6 +37,7 @@ class Guidance:
   kind: str = 'none'
   scale: float = 0.0
   negative: str = ''
+  RANGES = {'scale': '[0, inf)'}
 
   def __post_init__(self):
     if self.kind not in GUIDANCE_KINDS:

@@ -13,7 +13,6 @@ Config keys it reads (every trainer, sampler and the scanner the same way):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 
@@ -22,6 +21,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from rewarddance_jax import config_lib
 from rewarddance_jax.data import pipeline, prompts as prompts_lib
 from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.families import base, digits, flux, sd3
@@ -34,7 +34,6 @@ FAMILIES = {f.name: f for f in (digits.FAMILY, flux.FAMILY, sd3.FAMILY)}
 RUNTIME_MODEL_KEYS = ('dtype', 'param_dtype', 'scan_layers', 'remat', 'attention')
 WEIGHTS_KEYS = ('src', 'cache_dir')
 VAE_KEYS = ('src', 'cache_dir', 'replicated', 'dtype')
-GUIDANCE_KEYS = tuple(f.name for f in dataclasses.fields(base.Guidance))
 
 
 def get(name: str) -> base.Family:
@@ -45,9 +44,7 @@ def get(name: str) -> base.Family:
 
 def _section(config, name: str, allowed) -> dict:
   d = dict(config.get(name, None) or {})
-  unknown = sorted(set(d) - set(allowed))
-  if unknown:
-    raise ValueError(f'config.{name} has unknown key(s) {unknown}; allowed: {sorted(allowed)}.')
+  config_lib.check_keys(d, allowed, f'config.{name}')
   return d
 
 
@@ -61,15 +58,14 @@ class GeneratorFamily:
     self.name = self.family.name
     init = dict(config.get('init', None) or {})
     self.weights = dict(init.get('weights', None) or {})
-    unknown = sorted(set(self.weights) - set(WEIGHTS_KEYS))
-    if unknown:
-      raise ValueError(f'config.init.weights has unknown key(s) {unknown}; allowed: '
-                       f'{sorted(WEIGHTS_KEYS)} (the family is config.family).')
+    config_lib.check_keys(self.weights, WEIGHTS_KEYS, 'config.init.weights (the family is '
+                          'config.family)')
     if self.weights.get('src') and self.family.load is None:
       raise ValueError(f'config.family={self.name} has no public-weights loader; '
                        'config.init.weights.src must be empty.')
-    g = _section(config, 'guidance', GUIDANCE_KEYS)
-    self.guidance = base.Guidance(**g) if g else self.family.default_guidance
+    g = config.get('guidance', None)
+    self.guidance = (config_lib.section(base.Guidance, g, 'config.guidance') if g
+                     else self.family.default_guidance)
     if self.guidance.kind not in self.family.guidance_kinds:
       raise ValueError(f'config.guidance.kind={self.guidance.kind!r}: family {self.name} takes '
                        f'{self.family.guidance_kinds}.')

@@ -4,8 +4,7 @@ weights in and out (weights/sd3.py)."""
 
 from __future__ import annotations
 
-import dataclasses
-
+from rewarddance_jax import config_lib
 from rewarddance_jax.families.base import Family, Guidance
 from rewarddance_jax.models.sd3 import SD3Config, SD3Generator
 from rewarddance_jax.weights import sd3 as sd3_weights
@@ -16,14 +15,10 @@ EXTRA_KEYS = ('name', 'scan_layers')
 
 
 def model_config(model: dict) -> SD3Config:
-  fields = {f.name for f in dataclasses.fields(SD3Config)}
-  unknown = set(model) - fields - set(EXTRA_KEYS)
-  if unknown:
-    raise ValueError(f'config.model (family sd3) has unknown key(s) {sorted(unknown)}.')
-  kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in model.items() if k in fields}
+  kw = {k: v for k, v in model.items() if k not in EXTRA_KEYS}
   if 'dual_attention_layers' in kw:
     kw['dual_attention_layers'] = tuple(int(i) for i in kw['dual_attention_layers'])
-  return SD3Config(**kw)
+  return config_lib.section(SD3Config, kw, 'config.model (family sd3)')
 
 
 FAMILY = Family(

@@ -1,5 +1,6 @@
 """The latent rewards of a `latent_reward` run (train/latent_reward.py): model pieces and loading.
 
+`reward_config(config.reward)`: the checked `config.reward` section (`RewardConfig`);
 `make_backbone(config)`: the generator's first `config.reward.num_blocks` blocks with the reward's
 LoRA (models/backbone.py); `head_config` / `head_factory`: the Thurstone (rewards/thurstone.py) or
 PAVRM (rewards/process.py) head of `config.reward.kind`; `load_reward(workdir)`: the run's newest
@@ -9,7 +10,9 @@ build (rewards/registry.py).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Any
 
 import jax
 import ml_collections
@@ -17,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from rewarddance_jax import checkpoint as ckpt_lib
+from rewarddance_jax import config_lib
 from rewarddance_jax.models.backbone import Backbone
 from rewarddance_jax.models.generator import Generator, generator_config
 from rewarddance_jax.nn import lora as lora_lib
@@ -25,19 +29,57 @@ from rewarddance_jax.rewards import process as process_lib
 from rewarddance_jax.rewards import thurstone as thurstone_lib
 
 
+KINDS = ('thurstone', 'process')
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  """`config.reward` of a latent_reward run; `head` holds the keys of the kind's HeadConfig."""
+  kind: str
+  num_blocks: int
+  layers: tuple[int, ...]
+  lora_rank: int
+  lora_alpha: float
+  loss: str
+  base_workdir: str = ''
+  base_item: str = 'params'
+  lora_targets: str = lora_lib.ATTENTION_TARGETS
+  head: Any = None
+  sigma_sampler: str = 'uniform'
+  shift: float = 1.0
+  ensemble_sigmas: tuple[float, ...] = thurstone_lib.DEFAULT_ENSEMBLE
+  ensemble_weight: float = 0.0
+
+  RANGES = {'num_blocks': '[1, inf)', 'lora_rank': '[1, inf)', 'lora_alpha': '(0, inf)',
+            'shift': '(0, inf)', 'ensemble_weight': '[0, inf)'}
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f'config.reward.kind={self.kind!r} is not one of {KINDS}.')
+    losses = thurstone_lib.LOSSES if self.kind == 'thurstone' else process_lib.LOSSES
+    if self.loss not in losses:
+      raise ValueError(f'config.reward.loss={self.loss!r} is not one of {losses} ({self.kind}).')
+    if not all(0.0 <= s <= 1.0 for s in self.ensemble_sigmas):
+      raise ValueError(f'config.reward.ensemble_sigmas={self.ensemble_sigmas} must lie in [0, 1].')
+
+
+def reward_config(section) -> RewardConfig:
+  return config_lib.section(RewardConfig, section, 'config.reward')
+
+
 def make_backbone(config) -> Backbone:
-  r = config.reward
-  return Backbone(generator_config(config.model), num_blocks=int(r.num_blocks),
-                  layers=tuple(int(l) for l in r.layers), lora_rank=int(r.lora_rank),
-                  lora_alpha=float(r.lora_alpha),
-                  lora_targets=str(r.get('lora_targets', lora_lib.ATTENTION_TARGETS)))
+  r = reward_config(config.reward)
+  return Backbone(generator_config(config.model), num_blocks=r.num_blocks, layers=r.layers,
+                  lora_rank=r.lora_rank, lora_alpha=r.lora_alpha, lora_targets=r.lora_targets)
 
 
 def head_config(config, backbone: Backbone):
-  head = dict(config.reward.get('head', {}))
-  if config.reward.kind == 'thurstone':
-    return thurstone_lib.head_config(backbone, **head)
-  return process_lib.head_config(backbone, **head)
+  r = reward_config(config.reward)
+  lib = thurstone_lib if r.kind == 'thurstone' else process_lib
+  fixed = {'width': backbone.width}
+  if r.kind == 'thurstone':
+    fixed['num_layers'] = len(backbone.layers)
+  return config_lib.section(lib.HeadConfig, r.head, 'config.reward.head', **fixed)
 
 
 def head_factory(config, hcfg, seed: int):

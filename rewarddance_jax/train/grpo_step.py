@@ -67,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rewarddance_jax import config_lib
 from rewarddance_jax.data import label_table
 from rewarddance_jax.families.base import COND_KEYS, Guidance, cond_from_batch, guided_velocity
 from rewarddance_jax.flow import matching, rollout as rollout_lib
@@ -90,9 +91,9 @@ class LoRAConfig:
   targets: str = lora_lib.ATTENTION_TARGETS
   base_dtype: str = 'float32'
 
+  RANGES = {'rank': '[0, inf)', 'alpha': '(0, inf)'}
+
   def __post_init__(self):
-    if self.rank < 0:
-      raise ValueError(f'grpo.lora.rank must be >= 0 (0 = full fine-tuning), got {self.rank}.')
     if self.base_dtype not in ('float32', 'bfloat16'):
       raise ValueError(f'grpo.lora.base_dtype={self.base_dtype!r} is not float32 or bfloat16.')
 
@@ -126,6 +127,12 @@ class GRPOConfig:
   best_of: int = 0
   lora: LoRAConfig = LoRAConfig()
 
+  RANGES = {'group_size': '[2, inf)', 'noise_level': '[0, inf)', 'num_steps': '[2, inf)',
+            'shift': '(0, inf)', 'adv_clip': '(0, inf)', 'clip_range': '(0, inf)',
+            'minibatches': '[1, inf)', 'kl_beta': '[0, inf)', 'rollout_kl': '[0, inf)',
+            'ema_decay': '[0, 1]', 'variance_window': '[1, inf)',
+            'fm_weight': '[0, inf)', 'best_of': '[0, inf)'}
+
   def __post_init__(self):
     steps.check_step_kind(self.step_kind)
     if self.step_kind == 'ode':
@@ -138,35 +145,16 @@ class GRPOConfig:
     if self.kl_beta > 0 and self.step_kind not in kl_lib.VELOCITY_KL_KINDS:
       raise ValueError(f'grpo.kl_beta > 0 needs step_kind in {kl_lib.VELOCITY_KL_KINDS}, got '
                        f'{self.step_kind!r}.')
-    if self.group_size < 2:
-      raise ValueError(f'grpo.group_size must be >= 2 (advantages are group-relative), got '
-                       f'{self.group_size}.')
     if self.selection.num_steps != self.num_steps:
       raise ValueError('grpo.selection.num_steps must equal grpo.num_steps.')
-    if self.fm_weight < 0:
-      raise ValueError(f'grpo.fm_weight must be >= 0, got {self.fm_weight}.')
     extremes.check_keep(self.group_size, self.best_of)
 
   @classmethod
   def from_config(cls, cfg) -> 'GRPOConfig':
     cfg = dict(cfg)
-    sel = dict(cfg.pop('selection', {}))
-    lora = dict(cfg.pop('lora', {}))
-    lora_known = {f.name for f in dataclasses.fields(LoRAConfig)}
-    if set(lora) - lora_known:
-      raise ValueError(f'config.grpo.lora has unknown key(s) {sorted(set(lora) - lora_known)}.')
-    if 'window_range' in sel:
-      sel['window_range'] = tuple(sel['window_range'])
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(cfg) - known
-    if unknown:
-      raise ValueError(f'config.grpo has unknown key(s) {sorted(unknown)}.')
-    sel_known = {f.name for f in dataclasses.fields(timesteps.TimestepSelection)}
-    if set(sel) - sel_known:
-      raise ValueError(f'config.grpo.selection has unknown key(s) {sorted(set(sel) - sel_known)}.')
-    num_steps = int(cfg.get('num_steps', cls.num_steps))
-    selection = timesteps.TimestepSelection(num_steps=num_steps, **sel)
-    return cls(selection=selection, lora=LoRAConfig(**lora), **cfg)
+    num_steps = cfg.get('num_steps', cls.num_steps)
+    cfg['selection'] = {'num_steps': num_steps, **dict(cfg.get('selection', {}))}
+    return config_lib.section(cls, cfg, 'config.grpo')
 
   def sigmas(self, image_seq_len: int | None = None) -> np.ndarray:
     return schedules.get_sigmas(self.schedule, self.num_steps, shift=self.shift,

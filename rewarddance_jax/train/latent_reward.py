@@ -34,7 +34,6 @@ from absl import logging
 from flax import nnx
 
 from rewarddance_jax import checkpoint as ckpt_lib
-from rewarddance_jax.config_lib import check_keys
 from rewarddance_jax.data import pairs as pairs_lib
 from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.flow import matching
@@ -47,10 +46,6 @@ from rewarddance_jax.rewards import process as process_lib
 from rewarddance_jax.rewards import thurstone as thurstone_lib
 from rewarddance_jax.train import common, loop as loop_lib, optim
 
-KINDS = ('thurstone', 'process')
-REWARD_KEYS = ('kind', 'base_workdir', 'base_item', 'num_blocks', 'layers', 'lora_rank',
-               'lora_alpha', 'lora_targets', 'loss', 'head', 'sigma_sampler', 'shift',
-               'ensemble_sigmas', 'ensemble_weight')
 BIN_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 _BATCH_KEYS = ('chosen', 'rejected', 'tokens', 'mask', 'kind')
 
@@ -259,9 +254,6 @@ def make_pairs(config, tok, split: str, batch_size: int, seed: int):
 
 def build_state(config, mesh, rules):
   """(backbone, head graphdef, state, shardings, tx) with every array created sharded."""
-  check_keys(config.reward, REWARD_KEYS, 'config.reward')
-  if config.reward.kind not in KINDS:
-    raise ValueError(f'config.reward.kind={config.reward.kind!r} is not one of {KINDS}.')
   backbone = latent_lib.make_backbone(config)
   base, base_shard = load_base(config, backbone, mesh, rules)
   hcfg = latent_lib.head_config(config, backbone)

@@ -45,6 +45,7 @@ import optax
 from absl import logging
 
 from rewarddance_jax import checkpoint as ckpt_lib
+from rewarddance_jax import config_lib
 from rewarddance_jax import metrics as metrics_lib
 
 StepFn = Callable[[dict, Any, jax.Array], tuple[dict, dict]]
@@ -105,9 +106,7 @@ class LoopConfig:
 
   def __post_init__(self):
     for name, key in self.CONFIG_KEYS.items():
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f'config.{key}={value!r} must be an integer >= 1.')
+      config_lib.check_number(getattr(self, name), int, '[1, inf)', f'config.{key}')
 
   @classmethod
   def from_config(cls, config, **overrides) -> 'LoopConfig':

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from rewarddance_jax import config_lib
 from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.families.digits import LATENT_SHAPE
 from rewarddance_jax.families.base import unit_decode
@@ -41,16 +42,12 @@ class PRFLConfig:
   fm_weight: float = 1.0
   ema_decay: float = 0.0
 
+  RANGES = {'num_steps': '[2, inf)', 'shift': '(0, inf)', 'scale': '[0, inf)',
+            'fm_weight': '[0, inf)', 'ema_decay': '[0, 1]'}
+
   @classmethod
   def from_config(cls, cfg) -> 'PRFLConfig':
-    cfg = dict(cfg)
-    unknown = set(cfg) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f'config.prfl has unknown key(s) {sorted(unknown)}.')
-    out = cls(**cfg)
-    if out.num_steps < 2:
-      raise ValueError(f'config.prfl.num_steps must be >= 2, got {out.num_steps}.')
-    return out
+    return config_lib.section(cls, cfg, 'config.prfl')
 
 
 def make_prfl_step(graphdef, tx: optax.GradientTransformation, pcfg: PRFLConfig,

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rewarddance_jax import families
+from rewarddance_jax import config_lib, families
 from rewarddance_jax.families.base import Guidance, cond_from_batch, guided_velocity
 from rewarddance_jax.flow import ddim, schedules, steps
 from rewarddance_jax.rewards import registry
@@ -54,21 +54,13 @@ class R0Config:
   remat: bool = True
   ema_decay: float = 0.0
 
-  def __post_init__(self):
-    if self.num_steps < 1:
-      raise ValueError(f'r0.num_steps must be >= 1, got {self.num_steps}.')
-    if not 0.0 <= self.eta_max <= 1.0:
-      raise ValueError(f'r0.eta_max must be in [0, 1], got {self.eta_max}.')
-    if self.l2_weight < 0:
-      raise ValueError(f'r0.l2_weight must be >= 0, got {self.l2_weight}.')
+  RANGES = {'num_steps': '[1, inf)', 'shift': '(0, inf)', 'eta_max': '[0, 1]',
+            'l2_weight': '[0, inf)', 'norm_eps': '[0, inf)', 'reward_cap': '[0, inf)',
+            'ema_decay': '[0, 1]'}
 
   @classmethod
   def from_config(cls, cfg) -> 'R0Config':
-    cfg = dict(cfg)
-    unknown = set(cfg) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f'config.r0 has unknown key(s) {sorted(unknown)}.')
-    return cls(**cfg)
+    return config_lib.section(cls, cfg, 'config.r0')
 
   def sigmas(self, image_seq_len: int | None = None) -> np.ndarray:
     return schedules.get_sigmas(self.schedule, self.num_steps, shift=self.shift,

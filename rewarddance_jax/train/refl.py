@@ -35,7 +35,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rewarddance_jax import families
+from rewarddance_jax import config_lib, families
 from rewarddance_jax.data import label_table, pipeline
 from rewarddance_jax.families.base import Guidance, cond_from_batch, guided_velocity
 from rewarddance_jax.data import samples as samples_lib
@@ -64,6 +64,11 @@ class ReFLConfig:
   reference_n: int = 16
   reference_top: int = 2
 
+  RANGES = {'num_steps': '[1, inf)', 'shift': '(0, inf)', 'late_fraction': '(0, 1]',
+            'scale': '[0, inf)', 'target': '(-inf, inf)', 'fm_weight': '[0, inf)',
+            'ema_decay': '[0, 1]', 'reference_n': '[1, inf)',
+            'reference_top': '[1, inf)'}
+
   def __post_init__(self):
     if self.loss not in refl_lib.LOSS_KINDS:
       raise ValueError(f'refl.loss={self.loss!r} is not one of {refl_lib.LOSS_KINDS}.')
@@ -74,11 +79,7 @@ class ReFLConfig:
 
   @classmethod
   def from_config(cls, cfg) -> 'ReFLConfig':
-    cfg = dict(cfg)
-    unknown = set(cfg) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f'config.refl has unknown key(s) {sorted(unknown)}.')
-    return cls(**cfg)
+    return config_lib.section(cls, cfg, 'config.refl')
 
   def sigmas(self, image_seq_len: int | None = None) -> np.ndarray:
     return schedules.get_sigmas(self.schedule, self.num_steps, shift=self.shift,
