@@ -173,6 +173,24 @@ def test_trainer_resume_equals_uninterrupted(tmp_path):
   assert key(resumed) == key(straight)
 
 
+def test_split_mode_gives_the_fused_metrics_and_resumes(tmp_path):
+  """grpo.split: rollout + rewards and the update as two jitted programs (loop.SplitStep)."""
+  fused = _config(total_steps=3)
+  fused.ckpt.every = 2
+  grpo_trainer.train(fused, str(tmp_path / 'fused'))
+  split = _config(total_steps=2)
+  split.grpo.split = True
+  split.ckpt.every = 2
+  grpo_trainer.train(split, str(tmp_path / 'split'))
+  split.total_steps = 3
+  grpo_trainer.train(split, str(tmp_path / 'split'))
+  names = ('loss', 'reward_mean', 'grad_norm', 'log_ratio_first_max_abs', 'reward_window_std')
+  key = lambda ms: {m['step']: tuple(m[n] for n in names) for m in ms if 'loss' in m}
+  got = key(metrics_lib.read_metrics(str(tmp_path / 'split')))
+  assert sorted(got) == [1, 2, 3]
+  assert got == key(metrics_lib.read_metrics(str(tmp_path / 'fused')))
+
+
 @pytest.mark.slow  # the full-parameter resume test covers the loop
 def test_lora_trainer_resume_equals_uninterrupted(tmp_path):
   cfg = _config(total_steps=3)

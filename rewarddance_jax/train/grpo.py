@@ -16,7 +16,9 @@
      (`config.vae`: x̂0 → VAE decode → pixels in [0, 1] inside the step, the VAE params a const,
      consts['decoder']; without it the identity). Public weights: `config.init.weights.src`.
   4. The step (`train/grpo_step.py`): rollout, rewards, group advantages, M minibatch updates,
-     all in one jitted function on device; checkpoints, resume, SIGTERM as every trainer.
+     all in one jitted function on device, or with `grpo.split` as two (rollout + rewards, then
+     the update; `loop.SplitStep`) for a program too big to compile as one; checkpoints, resume,
+     SIGTERM as every trainer.
   5. Hook every `config.samples.every` iterations (token-conditioned families): ODE samples of the digit prompts,
      the judge's accuracy and the configured reward of those samples.
 """
@@ -36,7 +38,7 @@ from rewarddance_jax.data import digits, label_table, prompts as prompts_lib
 from rewarddance_jax.nn import lora as lora_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import registry
-from rewarddance_jax.train import common, generate, grpo_step, optim
+from rewarddance_jax.train import common, generate, grpo_step, loop as loop_lib, optim
 
 def lora_base(params, pshard, lcfg, *, abstract: bool = False):
   """The frozen base of a LoRA run in `grpo.lora.base_dtype` (a const: never donated)."""
@@ -167,7 +169,8 @@ def train(config, workdir: str) -> dict:
                                                   tok=tok)
   if gcfg.fm_weight > 0:
     consts['fm_images'] = jax.device_put(fm_table(config, records), NamedSharding(mesh, P()))
-  step_fn = make_functions(pol, rewards, codec).step
+  fns = make_functions(pol, rewards, codec)
+  step_fn = loop_lib.SplitStep(fns.first, fns.second) if gcfg.split else fns.step
 
   hooks = []
   if tok is not None:   # the judge hooks sample the digit prompts

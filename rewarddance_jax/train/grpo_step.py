@@ -125,6 +125,7 @@ class GRPOConfig:
   variance_window: int = 1000
   fm_weight: float = 0.0
   best_of: int = 0
+  split: bool = False
   lora: LoRAConfig = LoRAConfig()
 
   RANGES = {'group_size': '[2, inf)', 'noise_level': '[0, inf)', 'num_steps': '[2, inf)',
@@ -235,12 +236,16 @@ class GRPOFunctions:
     score(rewards, rollout, batch, key, decoder=None) -> {reward name: (B,)}   item 2, the
         rewards; `decoder` = the decode's params (consts['decoder'], e.g. the VAE) or None
     update(state, consts, rollout, per, batch, key) -> (state, metrics)  items 2 (advantages)-5
-    step(state, batch, key, consts) -> (state, metrics)                  the whole iteration
+    first(state, batch, key, consts) -> (trajectory, per)     rollout + score (split mode's 1st)
+    second(state, (trajectory, per), batch, key, consts) -> (state, metrics)   update (2nd)
+    step(state, batch, key, consts) -> (state, metrics)   second ∘ first: the fused iteration
   """
   rollout: Callable
   score: Callable
   update: Callable
   step: Callable
+  first: Callable
+  second: Callable
 
 
 def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
@@ -492,13 +497,22 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
         metrics[f'reward/{name}_std'] = jnp.std(per[name])
     return new, metrics
 
-  def step(state, batch, key, consts):
+  def first(state, batch, key, consts):
+    """Rollout + rewards: (trajectory without x̂0, per-reward scores)."""
     if gcfg.lora.rank and consts.get('base') is None:
       raise ValueError('grpo.lora.rank > 0 needs consts["base"] (the frozen generator params).')
     keys = split_keys(key)
     params = model_params(jax.lax.stop_gradient(state['params']), consts)
     ro = rollout(params, batch, keys, state['rl']['iteration'])
     per = score(consts['rewards'], ro, batch, keys['reward'], consts.get('decoder'))
-    return update(state, consts, ro, per, batch, keys['shuffle'])
+    return {k: v for k, v in ro.items() if k != 'x0_hat'}, per
 
-  return GRPOFunctions(rollout=rollout, score=score, update=update, step=step)
+  def second(state, carry, batch, key, consts):
+    ro, per = carry
+    return update(state, consts, ro, per, batch, split_keys(key)['shuffle'])
+
+  def step(state, batch, key, consts):
+    return second(state, first(state, batch, key, consts), batch, key, consts)
+
+  return GRPOFunctions(rollout=rollout, score=score, update=update, step=step, first=first,
+                       second=second)
