@@ -72,14 +72,22 @@ class GeneratorFamily:
     self.vae = _section(config, 'vae', VAE_KEYS)
     self.conditioning = self.family.conditioning
     data = config.get('data', None) or {}
-    shape = data.get('latent_shape', None) or self.family.default_latent_shape
-    if not shape:
-      raise ValueError(f'config.data.latent_shape (H, W, C) is required for family {self.name}.')
-    self.latent_shape = tuple(int(d) for d in shape)
+    self._latent_shape = data.get('latent_shape', None) or self.family.default_latent_shape
     self.encoded_prompts = str(data.get('encoded_prompts', '') or '')
     if self.conditioning == 'encoded' and data and not self.encoded_prompts:
       logging.warning('family %s without config.data.encoded_prompts: batches must bring '
                       'txt/pooled/mask themselves.', self.name)
+
+  @property
+  def latent_shape(self) -> tuple[int, ...]:
+    """(H, W, C) of one sample: `config.data.latent_shape`, else the family's default."""
+    if not self._latent_shape:
+      raise ValueError(f'config.data.latent_shape (H, W, C) is required for family {self.name}.')
+    return tuple(int(d) for d in self._latent_shape)
+
+  def factory(self, model_cfg, seed: int):
+    """A function building the family's model of `model_cfg` (under eval_shape or jit)."""
+    return lambda: self.family.make_model(model_cfg, nnx.Rngs(seed))
 
   # -- the generator --------------------------------------------------------------------------
 
@@ -105,7 +113,7 @@ class GeneratorFamily:
     (`abstract`: `jax.ShapeDtypeStruct`s, the target of a checkpoint restore)."""
     cfg = self.model_config()
     self._check_guidance(cfg)
-    factory = lambda: self.family.make_model(cfg, nnx.Rngs(seed))  # pylint: disable=unnecessary-lambda-assignment
+    factory = self.factory(cfg, seed)
     if abstract:
       graphdef, (params,), (shard,) = sharding_lib.sharded_abstract(
           factory, mesh, rules, cache_key=(self.name, cfg))

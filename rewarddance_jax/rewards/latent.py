@@ -21,8 +21,9 @@ from flax import nnx
 
 from rewarddance_jax import checkpoint as ckpt_lib
 from rewarddance_jax import config_lib
+from rewarddance_jax import families
 from rewarddance_jax.models.backbone import Backbone
-from rewarddance_jax.models.generator import Generator, generator_config
+from rewarddance_jax.models.backbone_sd3 import SD3_ATTENTION_TARGETS, SD3Backbone
 from rewarddance_jax.nn import lora as lora_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import process as process_lib
@@ -67,10 +68,26 @@ def reward_config(section) -> RewardConfig:
   return config_lib.section(RewardConfig, section, 'config.reward')
 
 
-def make_backbone(config) -> Backbone:
+def make_backbone(config):
+  """The reward's backbone over the generator of `config.family`: `SD3Backbone` for sd3 (its
+  runs of blocks scanned with `config.model.scan_layers`; LoRA targets default to its attention
+  projections), else the MMDiT `Backbone`."""
   r = reward_config(config.reward)
-  return Backbone(generator_config(config.model), num_blocks=r.num_blocks, layers=r.layers,
-                  lora_rank=r.lora_rank, lora_alpha=r.lora_alpha, lora_targets=r.lora_targets)
+  model_cfg = families.from_config(config).model_config()
+  kw = dict(num_blocks=r.num_blocks, layers=r.layers, lora_rank=r.lora_rank,
+            lora_alpha=r.lora_alpha)
+  if config.get('family', 'digits') == 'sd3':
+    targets = (SD3_ATTENTION_TARGETS if r.lora_targets == lora_lib.ATTENTION_TARGETS
+               else r.lora_targets)
+    return SD3Backbone(model_cfg, lora_targets=targets,
+                       scan=bool(config.model.get('scan_layers', False)), **kw)
+  return Backbone(model_cfg, lora_targets=r.lora_targets, **kw)
+
+
+def generator_factory(config, backbone, seed: int):
+  """Builds the full generator the backbone is cut from (the base's source)."""
+  model_cfg = backbone.cfg if isinstance(backbone, SD3Backbone) else backbone.gen_cfg
+  return families.from_config(config).factory(model_cfg, seed)
 
 
 def head_config(config, backbone: Backbone):
@@ -106,9 +123,7 @@ def load_reward(workdir: str, *, sigmas=None, output: str = 'sigmoid', name: str
                              ('data', 'fsdp', 'tensor'))
   rules = rules or sharding_lib.rules_from_config(config.sharding_rules)
   backbone = make_backbone(config)
-  gen_cfg = backbone.gen_cfg
-  _, (gen_abs,) = sharding_lib.abstract_state(lambda: Generator(gen_cfg, rngs=nnx.Rngs(0)), mesh,
-                                              rules)
+  _, (gen_abs,) = sharding_lib.abstract_state(generator_factory(config, backbone, 0), mesh, rules)
   base_shard = backbone.take(nnx.to_pure_dict(sharding_lib.state_shardings(gen_abs, mesh, rules)))
   base_abs = jax.eval_shape(backbone.take, nnx.to_pure_dict(gen_abs))
   head_gd, (head_abs,) = sharding_lib.abstract_state(
