@@ -16,7 +16,8 @@ from configs.sd3 import grpo_sd35_medium  # noqa: E402
 from rewarddance_jax import families, metrics as metrics_lib  # noqa: E402
 from rewarddance_jax.parallel import mesh as mesh_lib  # noqa: E402
 from rewarddance_jax.parallel import sharding as sharding_lib  # noqa: E402
-from rewarddance_jax.train import grpo as grpo_trainer, r0 as r0_trainer  # noqa: E402
+from rewarddance_jax.train import grpo as grpo_trainer, prfl as prfl_trainer  # noqa: E402
+from rewarddance_jax.train import r0 as r0_trainer, refl as refl_trainer  # noqa: E402
 from rewarddance_jax.weights import text_pipeline  # noqa: E402
 from test_train_flux import FIRST_RATIO_BOUND, _randomise, tiny_vae  # noqa: E402
 
@@ -115,3 +116,38 @@ def test_r0_trains_sd3_with_cfg(dirs, tmp_path):
   assert [m['step'] for m in ms] == [1, 2]
   assert all(np.isfinite(m['loss']) and m['skipped'] == 0 and m['grad_norm'] > 0 for m in ms)
   assert ms[1]['l2'] > 0.0
+
+
+def _feedback_config(d, trainer, steps):
+  c = _config(d, steps)
+  del c['grpo']
+  c.trainer = trainer
+  c.data.batch_size = 2
+  c.ckpt.every = 1
+  if trainer == 'refl':
+    c.refl = dict(num_steps=3, schedule='shift', shift=3.0, late_fraction=0.7, loss='linear',
+                  scale=1.0, target=2.0, fm_weight=0.0, ema_decay=0.0)
+  else:
+    c.prfl = dict(schedule='shift', num_steps=3, shift=3.0, scale=1.0, fm_weight=0.0)
+  return c
+
+
+@pytest.mark.parametrize('trainer', ['refl', 'prfl'])
+def test_reward_feedback_trains_sd3_with_cfg_and_resumes_exactly(dirs, tmp_path, trainer):
+  module = {'refl': refl_trainer, 'prfl': prfl_trainer}[trainer]
+  module.train(_feedback_config(dirs, trainer, 2), str(tmp_path / 'straight'))
+  module.train(_feedback_config(dirs, trainer, 1), str(tmp_path / 'resumed'))
+  module.train(_feedback_config(dirs, trainer, 2), str(tmp_path / 'resumed'))
+  straight, resumed = _losses(str(tmp_path / 'straight')), _losses(str(tmp_path / 'resumed'))
+  assert [m['step'] for m in straight] == [1, 2]
+  assert all(np.isfinite(m['loss']) and m['skipped'] == 0 and m['grad_norm'] > 0
+             for m in straight)
+  key = lambda ms: {m['step']: (m['loss'], m['reward_mean'], m['grad_norm']) for m in ms}
+  assert key(resumed) == key(straight)
+
+
+def test_fm_weight_without_real_images_is_one_clear_error(dirs, tmp_path):
+  c = _feedback_config(dirs, 'prfl', 1)
+  c.prfl.fm_weight = 1.0
+  with pytest.raises(ValueError, match='prfl.fm_weight > 0 trains on real images'):
+    prfl_trainer.train(c, str(tmp_path))

@@ -127,6 +127,25 @@ def policy_state(params, pshard, tx, mesh, ema_decay: float, *,
   return state, shardings
 
 
+def image_or_prompt_data(config, fam, tok, trainer: str, fm_weight: float, mesh, rules):
+  """(data iterator, to_device) of a reward-feedback trainer (ReFL, PRFL): token-conditioned
+  families train on the digits training split (real images with their prompts, for the
+  flow-matching term of fm_weight > 0); encoded families on their prompt batches."""
+  from rewarddance_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  batch_size = int(config.data.batch_size)
+  if fam.conditioning == 'tokens':
+    data_iter = pipeline.digits_train_iter(batch_size, seed=int(config.seed), tokenizer=tok,
+                                           max_len=int(config.data.max_text_len))
+    keys = ('images', 'labels', 'tokens', 'mask')
+    return data_iter, lambda b: sharding_lib.host_to_global(
+        fam.with_negative({k: b[k] for k in keys}), mesh, rules)
+  if fm_weight > 0:
+    raise ValueError(f'{trainer}.fm_weight > 0 trains on real images, which only the digits '
+                     f'data provides so far; set it to 0 for family {fam.name}.')
+  _, data_iter, to_device = fam.prompt_data(batch_size, 1, mesh, rules, tok=tok)
+  return data_iter, to_device
+
+
 def step_cache_key(config, mesh) -> tuple:
   """(trainer config without `loop.LOOP_ONLY_KEYS` as canonical JSON, mesh): equal keys mean
   equal step functions, because every trainer builds its step closure from the config alone

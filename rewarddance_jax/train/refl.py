@@ -1,6 +1,7 @@
 """ReFL alignment of the generator (`trainer: refl`; RD §3.3.1, docs/algorithms.md §7, §10 #18).
 
-  1. Mesh, rules, the generator built sharded and restored from `config.init.generator`.
+  1. Mesh, rules, the generator of `config.family` (`common.init_policy`: public weights,
+     `config.init.generator`, or fresh).
   2. Pairwise VLM rewards (`kind: vlm_yes, mode: pairwise`) without `ref_images` get a best-of-N
      reference per digit prompt: N ODE samples per prompt from the frozen initial generator,
      every ordered pair (i, j) scored as P(j better than i | ref = i, generated = j), candidates
@@ -9,8 +10,10 @@
      loaded as consts['ref_images'] (10, T, ...): each step draws one of its label's top T per row
      as batch['ref_pixels'] (§10 #18: Top-2, one sampled per step); the reward also gets the file
      as `ref_images` (top-1) for scoring outside the step.
-  3. Data: digits training batches (images, labels, prompt tokens): the prompts drive the
-     rollout, the images the optional flow-matching regulariser.
+  3. Data (`common.image_or_prompt_data`): for token-conditioned families the digits training
+     batches (images, labels, prompt tokens: the prompts drive the rollout, the images the
+     optional flow-matching regulariser); for encoded families (FLUX, SD3.5) the pre-encoded
+     prompt batches, with the family's guided velocity (CFG's negative rows) and codec.
   4. The step (pure, jitted once by the loop, state donated), per batch:
      a. mid ~ U{lo, ..., N−1} over the last `late_fraction` of the N steps (one for the batch);
      b. no-grad Euler ODE rollout with the current params from x_T ~ N(0, I) to x_mid
@@ -36,11 +39,10 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rewarddance_jax import config_lib, families
-from rewarddance_jax.data import label_table, pipeline
+from rewarddance_jax.data import label_table
 from rewarddance_jax.families.base import Guidance, cond_from_batch, guided_velocity
 from rewarddance_jax.data import samples as samples_lib
 from rewarddance_jax.flow import matching, schedules, steps
-from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import registry
 from rewarddance_jax.rl import ema as ema_lib
 from rewarddance_jax.rl import refl as refl_lib
@@ -268,24 +270,23 @@ def build_reference(config, rcfg: ReFLConfig, workdir: str, graphdef, params, to
 def train(config, workdir: str) -> dict:
   mesh, rules = common.setup_mesh(config)
   rcfg = ReFLConfig.from_config(config.refl)
-  batch_size = int(config.data.batch_size)
   fam = families.from_config(config)
-  if fam.conditioning != 'tokens':
-    raise ValueError(f'config.family={fam.name}: ReFL trains on token-conditioned families for '
-                     'now (its best-of-N reference and data are per digit label).')
   tok = fam.tokenizer(workdir)
   graphdef, params, pshard = common.init_policy(config, mesh, rules)
 
   rewards_cfg = {k: dict(v) for k, v in dict(config.rewards).items()}
   ref_images = None
   for name in pairwise_reward_entries(config):
+    if tok is None:
+      raise ValueError(f'config.rewards.{name}: the best-of-N pairwise reference is built per '
+                       f'digit prompt; give it ref_images for family {fam.name}.')
     with common.mesh_context(mesh, rules):
       path = build_reference(config, rcfg, workdir, graphdef, params, tok, name,
                              fam.latent_shape)
     rewards_cfg[name]['ref_images'] = path   # top-1, for scoring outside the step (the hook)
     ref_images = jax.device_put(load_references(path, rcfg.reference_top),
                                 NamedSharding(mesh, P()))
-  rewards = registry.build_rewards(rewards_cfg)
+  rewards = registry.build_rewards(rewards_cfg, mesh, rules)
   if not rewards.differentiable:
     raise ValueError(f'ReFL needs differentiable rewards; config.rewards has '
                      f'{[r.name for r in rewards.rewards if not r.differentiable]} that are not.')
@@ -293,19 +294,15 @@ def train(config, workdir: str) -> dict:
   tx = optim.make_optimizer(config.optax)
   state, shardings = build_state(params, pshard, tx, mesh, rcfg.ema_decay)
   consts = {'rewards': rewards, 'ref_images': ref_images}
-  data_iter = pipeline.digits_train_iter(batch_size, seed=int(config.seed), tokenizer=tok,
-                                         max_len=int(config.data.max_text_len))
-
-  def to_device(batch):
-    return sharding_lib.host_to_global(
-        {k: batch[k] for k in ('images', 'labels', 'tokens', 'mask')}, mesh, rules)
-
+  data_iter, to_device = common.image_or_prompt_data(config, fam, tok, 'refl', rcfg.fm_weight,
+                                                     mesh, rules)
   codec = fam.codec(mesh, rules)
   consts['decoder'] = codec.params
   step_fn = make_refl_step(graphdef, tx, rcfg, fam.latent_shape,
                            decode=codec.decode,
                            velocity=fam.velocity(graphdef))
-  hooks = generate.judge_hooks(config, graphdef, tok, workdir, fam.latent_shape, rewards)
+  hooks = [] if tok is None else generate.judge_hooks(config, graphdef, tok, workdir,
+                                                      fam.latent_shape, rewards)
   state, last = common.run_loop(
       config, workdir, desc='refl', state=state, shardings=shardings, step_fn=step_fn,
       data_iter=data_iter, to_device=to_device, mesh=mesh, rules=rules, hooks=hooks, consts=consts)
