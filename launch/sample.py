@@ -18,8 +18,9 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from launch import cli
 from rewarddance_jax import checkpoint as ckpt_lib
 from rewarddance_jax import evaluate
 from rewarddance_jax import judge as judge_lib
@@ -51,11 +52,11 @@ def main(argv):
   workdir = _WORKDIR.value
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(ckpt_dir):
-    raise app.UsageError(f'{workdir} has no checkpoints/ directory; is it a launch.train workdir?')
+    raise ValueError(f'{workdir} has no checkpoints/ directory; is it a launch.train workdir?')
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
   step = _STEP.value if _STEP.value is not None else ckpt.latest_step()
   if step is None or step not in ckpt.all_steps():
-    raise app.UsageError(f'no checkpoint step {step} in {ckpt_dir} (have {ckpt.all_steps()}).')
+    raise ValueError(f'no checkpoint step {step} in {ckpt_dir} (have {ckpt.all_steps()}).')
   config = ml_collections.ConfigDict(ckpt.restore(step, json=('config',))['config'])
   for name, flag in (('num_steps', _NUM_STEPS), ('kind', _KIND), ('noise_level', _NOISE)):
     if flag.value is not None:
@@ -96,4 +97,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -55,7 +55,7 @@ def check_keys(section, allowed, where: str) -> None:
 
 
 def parse_config_flags(argv):
-  """absl `flags_parser` for launchers with a config flag: one-line errors, no usage dump.
+  """absl `flags_parser` for the launchers: one-line errors, no usage dump, exit status 2.
 
   An unknown `--config.a.b=v` key names the argument and ml_collections' suggestion; any other
   flag error keeps its first and last line (the file and the cause).
@@ -68,9 +68,14 @@ def parse_config_flags(argv):
     key = key.group(1) if key else text
     hint = re.search(r'Did you mean \\?"(\w+)', text)
     culprit = next((a for a in argv if a.startswith('--config.') and key in a), key)
-    sys.exit(f'error: {culprit}: unknown config key {key!r}'
-             + (f' (did you mean {hint.group(1)!r}?)' if hint else '.'))
+    _exit_bad_flag(f'{culprit}: unknown config key {key!r}'
+                   + (f' (did you mean {hint.group(1)!r}?)' if hint else '.'))
   except flags.Error as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    sys.exit(f'error: {lines[0]} {lines[-1] if len(lines) > 1 else ""}'.strip())
+    _exit_bad_flag(f'{lines[0]} {lines[-1] if len(lines) > 1 else ""}'.strip())
+
+
+def _exit_bad_flag(message: str):
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
 
