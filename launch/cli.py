@@ -65,7 +65,7 @@ def bad_input_message(error: BaseException) -> str | None:
 
 def _guard(main):
   def guarded(argv):
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
       main(argv)
     except Terminated as e:
@@ -79,6 +79,8 @@ def _guard(main):
         traceback.print_exc()
       print(f'error: {message}', file=sys.stderr, flush=True)
       sys.exit(BAD_INPUT)
+    finally:
+      signal.signal(signal.SIGTERM, previous)
   return guarded
 
 

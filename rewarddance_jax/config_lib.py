@@ -70,6 +70,11 @@ def parse_config_flags(argv):
     culprit = next((a for a in argv if a.startswith('--config.') and key in a), key)
     _exit_bad_flag(f'{culprit}: unknown config key {key!r}'
                    + (f' (did you mean {hint.group(1)!r}?)' if hint else '.'))
+  except OSError as e:  # a config file that fails to load, met while applying an override
+    while e.__cause__ is not None or e.__context__ is not None:
+      e = e.__cause__ or e.__context__
+    config = next((a for a in argv if a.startswith('--config=')), '--config')
+    _exit_bad_flag(f'{config}: {[l.strip() for l in str(e).splitlines() if l.strip()][-1]}')
   except flags.Error as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     _exit_bad_flag(f'{lines[0]} {lines[-1] if len(lines) > 1 else ""}'.strip())

@@ -140,7 +140,8 @@ class GRPOConfig:
       raise ValueError(f'grpo.group_size must be >= 2 (advantages are group-relative), got '
                        f'{self.group_size}.')
     if self.selection.num_steps != self.num_steps:
-      raise ValueError('grpo.selection.num_steps must equal grpo.num_steps.')
+      raise ValueError(f'grpo.selection.num_steps={self.selection.num_steps} must equal '
+                       f'grpo.num_steps={self.num_steps}.')
     if self.fm_weight < 0:
       raise ValueError(f'grpo.fm_weight must be >= 0, got {self.fm_weight}.')
     extremes.check_keep(self.group_size, self.best_of)
