@@ -20,8 +20,9 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from launch import cli
 from rewarddance_jax import checkpoint as ckpt_lib
 from rewarddance_jax import families
 from rewarddance_jax.data import tokenizer as tokenizer_lib
@@ -59,11 +60,11 @@ def main(argv):
   workdir = _WORKDIR.value
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(ckpt_dir):
-    raise app.UsageError(f'{workdir} has no checkpoints/ directory; is it a launch.train workdir?')
+    raise ValueError(f'{workdir} has no checkpoints/ directory; is it a launch.train workdir?')
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
   step = _STEP.value if _STEP.value is not None else ckpt.latest_step()
   if step is None or step not in ckpt.all_steps():
-    raise app.UsageError(f'no checkpoint step {step} in {ckpt_dir} (have {ckpt.all_steps()}).')
+    raise ValueError(f'no checkpoint step {step} in {ckpt_dir} (have {ckpt.all_steps()}).')
   config = ml_collections.ConfigDict(ckpt.restore(step, json=('config',))['config'])
   if 'sampler' not in config:   # an alignment run without one: a 20-step ODE on the shifted grid
     config.sampler = dict(kind='ode', schedule='shift', num_steps=20, shift=3.0, noise_level=0.0)
@@ -133,4 +134,4 @@ def sample_encoded(config, fam, graphdef, params, mesh, rules, step: int):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

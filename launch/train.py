@@ -1,19 +1,20 @@
 """Train: `python -m launch.train --config=configs/<family>/<job>.py[:args] --workdir=DIR`.
 
 The same command runs on every host of a pod. `--config.a.b=value` overrides a field; an unknown
-field is rejected with its name. Re-running with the same workdir resumes from its checkpoint.
+field is rejected with its name. Re-running with the same workdir resumes from its checkpoint;
+a second run on a workdir in use is refused (`workdir_lock`). Bad input ends the run with one
+line and status 2, SIGTERM with a checkpoint and status 143 (`launch/cli.py`).
 The trainer is the one `config.trainer` names in rewarddance_jax/train.
 """
 
-import sys
-
-from absl import app, flags, logging
+import jax
+from absl import flags, logging
 from ml_collections import config_flags
 
-from rewarddance_jax import logs
-from rewarddance_jax.config_lib import parse_config_flags
+from launch import cli
+from rewarddance_jax import logs, workdir_lock
 from rewarddance_jax.parallel import mesh as mesh_lib
-from rewarddance_jax.train import get_trainer
+from rewarddance_jax.train import get_trainer, loop
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config).',
                                           lock_config=True)
@@ -23,7 +24,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise ValueError(f'unexpected arguments: {argv[1:]}')
   logs.quiet_libraries()
   mesh_lib.maybe_initialize_distributed()
   config = _CONFIG.value
@@ -31,11 +32,17 @@ def main(argv):
     trainer_name = config.get('trainer', None)
   except OSError as e:  # config_flags defers a failed load until first use
     detail = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
-    sys.exit(f'error: --config={flags.FLAGS["config"].serialize().split("=", 1)[-1]}: {detail}')
+    raise ValueError(f'--config={flags.FLAGS["config"].serialize().split("=", 1)[-1]}: '
+                     f'{detail}') from e
   trainer = get_trainer(trainer_name)
   logging.info('Trainer %s, workdir %s', config.trainer, _WORKDIR.value)
-  trainer(config, _WORKDIR.value)
+  stops = len(loop.SIGTERM_STOPS)
+  with workdir_lock.hold(_WORKDIR.value, enabled=jax.process_index() == 0):
+    trainer(config, _WORKDIR.value)
+  if len(loop.SIGTERM_STOPS) > stops:
+    raise cli.Terminated(f'stopped by SIGTERM after step {loop.SIGTERM_STOPS[-1]}, checkpoint '
+                         f'saved in {_WORKDIR.value}; run the same command again to resume.')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_config_flags)
+  cli.run(main)
