@@ -16,7 +16,8 @@ from flax import nnx
 
 from rewarddance_jax.models.generator import Generator, generator_config
 from rewarddance_jax.parallel import sharding as sharding_lib
-from rewarddance_jax.scan.step import AbstractStep, abstract, batch_leaf, key_struct, tree_size
+from rewarddance_jax.parallel.trees import count_params
+from rewarddance_jax.scan.step import AbstractStep, abstract, batch_leaf, key_struct
 from rewarddance_jax.train import common, flow as flow_trainer, optim
 
 
@@ -56,5 +57,5 @@ def abstract_flow_train_step(config, mesh) -> AbstractStep:
   p = gen_cfg.patch_size
   tokens = b * ((h // p) * (w // p) + text_len)
   return AbstractStep(jitted=jitted, args=(train_state, batch, key_struct(mesh)), mesh=mesh,
-                      rules=rules, num_params=tree_size(params), tokens=tokens,
+                      rules=rules, num_params=count_params(params), tokens=tokens,
                       flops_per_param_token=6)

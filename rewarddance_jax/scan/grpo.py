@@ -52,11 +52,12 @@ from rewarddance_jax.models.vae import VAE_PRESETS, AutoencoderKL
 from rewarddance_jax.models.vlm import InternVL, vlm_config
 from rewarddance_jax.nn import lora as lora_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.parallel.trees import count_params
 from rewarddance_jax.rewards import base, registry
 from rewarddance_jax.rewards.vlm_losses import yes_probability
 from rewarddance_jax.rewards.vlm_yes import TileSpec, answer_logits, vlm_tiles
 from rewarddance_jax.scan.step import (AbstractStep, abstract, abstract_model, batch_leaf,
-                                       key_struct, tree_size)
+                                       key_struct)
 from rewarddance_jax.train import common, grpo_step, optim
 from rewarddance_jax.train import grpo as grpo_trainer
 
@@ -73,8 +74,8 @@ def vlm_reward_flops(vlm_cfg, params, max_len: int) -> float:
   grid = vlm_cfg.vision.grid
   lm = {k: v for k, v in model['lm'].items() if k != 'embed'}
   head = model.get('lm_head') or model['lm']['embed']
-  return 2.0 * (tree_size(model['vision']) * (grid * grid + 1) + tree_size(model['projector'])
-                * vlm_cfg.tokens_per_tile + tree_size(lm) * max_len + tree_size(head))
+  return 2.0 * (count_params(model['vision']) * (grid * grid + 1) + count_params(model['projector'])
+                * vlm_cfg.tokens_per_tile + count_params(lm) * max_len + count_params(head))
 
 
 def stand_in_pixels(latents: jax.Array, factor: int) -> jax.Array:
@@ -252,7 +253,7 @@ def abstract_policy(config, mesh, rules) -> Policy:
       'idx': _rows_leaf(mesh, rules, (b, t), jnp.int32, 0),
       'x0_hat': _rows_leaf(mesh, rules, (b,) + image, jnp.float32, 0)}
   return Policy(graphdef=graphdef, gcfg=gcfg, batch_size=b, state=state, shardings=shardings,
-                frozen=frozen, model_params=model_params, num_params=tree_size(params),
+                frozen=frozen, model_params=model_params, num_params=count_params(params),
                 trajectory=trajectory, cond=_cond_batch(config, gen_cfg, mesh, rules, b))
 
 
@@ -349,7 +350,7 @@ def abstract_reward_step(config, mesh) -> AbstractStep:
 
   with common.mesh_context(mesh, rules):
     jitted = jax.jit(forward)
-  num_params = tree_size(rewards)
+  num_params = count_params(rewards)
   resident = None
   if 'grpo' in config:   # inside a GRPO iteration: the policy and the trajectory stay resident
     pol = abstract_policy(config, mesh, rules)

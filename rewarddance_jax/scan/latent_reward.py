@@ -29,9 +29,10 @@ from rewarddance_jax.models.backbone_sd3 import SD3_ATTENTION_TARGETS, SD3Backbo
 from rewarddance_jax.models.generator import Generator, generator_config
 from rewarddance_jax.models.sd3 import SD3Config, SD3Generator
 from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.parallel.trees import count_params
 from rewarddance_jax.rewards import latent as latent_lib
 from rewarddance_jax.scan.step import (AbstractStep, abstract, abstract_model, batch_leaf,
-                                       key_struct, tree_size)
+                                       key_struct)
 from rewarddance_jax.train import common, optim
 from rewarddance_jax.train import latent_reward as latent_trainer
 
@@ -101,7 +102,7 @@ def abstract_latent_reward_step(config, mesh) -> AbstractStep:
   with common.mesh_context(mesh, rules):
     jitted = jax.jit(step, in_shardings=(shardings, None, None),
                      out_shardings=(shardings, None), donate_argnums=(0,))
-  num_params = tree_size(base)
+  num_params = count_params(base)
   s = (latent[0] // patch) * (latent[1] // patch) + text_len
   return AbstractStep(jitted=jitted, args=(state, batch, key_struct(mesh)), mesh=mesh, rules=rules,
                       num_params=num_params, tokens=2 * b * s, flops_per_param_token=6)

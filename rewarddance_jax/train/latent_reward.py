@@ -39,8 +39,8 @@ from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.flow import matching
 from rewarddance_jax.models.backbone import Backbone, cond_from_batch
 from rewarddance_jax.models.generator import Generator
-from rewarddance_jax.nn import lora as lora_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.parallel.trees import count_params
 from rewarddance_jax.rewards import latent as latent_lib
 from rewarddance_jax.rewards import process as process_lib
 from rewarddance_jax.rewards import thurstone as thurstone_lib
@@ -276,9 +276,8 @@ def train(config, workdir: str) -> dict:
   mesh, rules = common.setup_mesh(config)
   backbone, head_gd, state, shardings, tx = build_state(config, mesh, rules)
   logging.info('Latent reward %s: trainable LoRA %d + head %d params; frozen base %d params.',
-               config.reward.kind, lora_lib.count_params(state['params']['lora']),
-               lora_lib.count_params(state['params']['head']),
-               lora_lib.count_params(state['base']))
+               config.reward.kind, count_params(state['params']['lora']),
+               count_params(state['params']['head']), count_params(state['base']))
   tok = _tokenizer(config, workdir)
   data_iter = make_pairs(config, tok, 'train', int(config.pairs.batch_size), int(config.seed))
   eval_batch = next(make_pairs(config, tok, 'heldout', int(config.eval.num_pairs),
