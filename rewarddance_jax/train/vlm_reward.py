@@ -54,6 +54,7 @@ from rewarddance_jax.data import vlm_rationales
 from rewarddance_jax.models.vlm import InternVL
 from rewarddance_jax.models.vlm.config import vlm_config
 from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.parallel.trees import count_params
 from rewarddance_jax.rewards import vlm_export, vlm_losses, vlm_yes
 from rewarddance_jax.train import common, loop as loop_lib, optim, vlm_lora
 
@@ -298,7 +299,7 @@ def build_state(config, cfg, mesh, rules):
   """
   graphdef, (params,), (pshard,) = sharding_lib.sharded_init(
       lambda: InternVL(cfg, rngs=nnx.Rngs(int(config.seed))), mesh, rules)
-  logging.info('VLM reward model: %.3fM params.', _count(params) / 1e6)
+  logging.info('VLM reward model: %.3fM params.', count_params(params) / 1e6)
   lora = vlm_lora.VLMLoRA.from_config(config.reward_model.get('lora'))
   state, shardings, to_model = {}, {}, None
   if lora is not None:
@@ -309,17 +310,13 @@ def build_state(config, cfg, mesh, rules):
     pshard, shardings['frozen'] = tshard, fshard
     to_model = lora.model_params
     logging.info('LoRA rank %d on %s: %d trainable params (vision %s), %d frozen.', lora.rank,
-                 lora.targets, _count(params), 'trained' if lora.train_vision else 'frozen',
-                 _count(state['frozen']))
+                 lora.targets, count_params(params), 'trained' if lora.train_vision else 'frozen',
+                 count_params(state['frozen']))
   tx = optim.make_optimizer(config.optax)
   opt_shard = optim.opt_state_shardings(tx, params, pshard, mesh)
   state.update(params=params, opt_state=jax.jit(tx.init, out_shardings=opt_shard)(params))
   shardings.update(params=pshard, opt_state=opt_shard)
   return graphdef, state, shardings, tx, to_model
-
-
-def _count(tree) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def model_params_fn(to_model):
