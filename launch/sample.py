@@ -15,7 +15,6 @@ the number of model calls per image is printed.
 import json
 import os
 
-import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -24,6 +23,7 @@ from rewarddance_jax import checkpoint as ckpt_lib
 from rewarddance_jax import evaluate
 from rewarddance_jax import judge as judge_lib
 from rewarddance_jax import logs
+from rewarddance_jax.parallel import rng as rng_lib
 from rewarddance_jax.train import common, generate
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory written by launch.train.')
@@ -69,7 +69,7 @@ def main(argv):
   restored = ckpt.restore(step, arrays={item: ckpt_lib.abstract_like(params, pshard)})
   ckpt.close()
   kw = dict(per_class=_PER_CLASS.value, max_len=int(config.data.max_text_len),
-            key=jax.random.key(_SEED.value))
+            key=rng_lib.key(_SEED.value, 'sample'))
   name, extra = f'samples_{step}', {}
   with common.mesh_context(mesh, rules):
     if _SEARCH.value == 'none':

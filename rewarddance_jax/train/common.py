@@ -23,6 +23,7 @@ from rewarddance_jax import config_lib
 from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.models.generator import Generator, generator_config
 from rewarddance_jax.parallel import mesh as mesh_lib
+from rewarddance_jax.parallel import rng as rng_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 
 
@@ -39,12 +40,17 @@ def mesh_context(mesh, rules):
     yield
 
 
+def generator_factory(gen_cfg, seed: int):
+  """`() -> Generator` initialised from the run's 'generator_init' stream."""
+  return lambda: Generator(gen_cfg, rngs=nnx.Rngs(rng_lib.key(seed, 'generator_init')))
+
+
 def build_generator(config, mesh, rules, seed: int | None = None, *, abstract: bool = False):
   """Returns (graphdef, params, param_shardings, GeneratorConfig). `abstract`: params are
   `jax.ShapeDtypeStruct`s with their shardings (no init runs), the target of a restore."""
   gen_cfg = generator_config(config.model)
   seed = config.seed if seed is None else seed
-  factory = lambda: Generator(gen_cfg, rngs=nnx.Rngs(seed))  # pylint: disable=unnecessary-lambda-assignment
+  factory = generator_factory(gen_cfg, seed)
   if abstract:
     graphdef, (params,), (shardings,) = sharding_lib.sharded_abstract(
         factory, mesh, rules, cache_key=('generator', gen_cfg))
@@ -191,6 +197,6 @@ def run_loop(config, workdir: str, *, desc: str, state, shardings, step_fn, data
   return loop_lib.run(
       workdir=workdir, loop=loop_lib.LoopConfig.from_config(config, desc=desc), state=state,
       state_shardings=shardings, step_fn=step_fn, data_iter=data_iter, to_device=to_device,
-      key=jax.random.key(int(config.seed)), mesh=mesh, hooks=hooks, config_json=config.to_dict(),
+      key=rng_lib.key(config.seed, 'loop'), mesh=mesh, hooks=hooks, config_json=config.to_dict(),
       context=lambda: mesh_context(mesh, rules), consts=consts,
       step_key=step_cache_key(config, mesh))

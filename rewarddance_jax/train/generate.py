@@ -28,6 +28,7 @@ from rewarddance_jax.data import samples as samples_lib
 from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.flow import rollout as rollout_lib
 from rewarddance_jax.flow import schedules, search
+from rewarddance_jax.parallel import rng as rng_lib
 
 
 def velocity_fn(graphdef, params, cond: dict, guidance=None):
@@ -115,7 +116,7 @@ def make_judge_hook(config, graphdef, tok, workdir: str, image_shape: tuple[int,
   the generator's own blocks).
   """
   sample_fn = make_sampler(graphdef, config.sampler, image_shape)
-  sample_key = jax.random.key(int(config.seed) + 1)
+  sample_key = rng_lib.key(config.seed, 'judge_samples')
   max_len = int(config.data.max_text_len)
 
   @functools.cache

@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rewarddance_jax import config_lib
 from rewarddance_jax.data import digits, label_table, pipeline, prompts as prompts_lib
 from rewarddance_jax.nn import lora as lora_lib
+from rewarddance_jax.parallel import rng as rng_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import registry
 from rewarddance_jax.train import common, generate, grpo_step, optim
@@ -188,7 +189,7 @@ def train(config, workdir: str) -> dict:
   trainable, tshard = params, pshard
   if gcfg.lora.rank:   # the base is a const (never donated), so it is also the KL reference
     base = params
-    trainable, tshard = init_lora(gcfg.lora, params, pshard, jax.random.key(int(config.seed) + 3))
+    trainable, tshard = init_lora(gcfg.lora, params, pshard, rng_lib.key(config.seed, 'lora_init'))
   if gcfg.kl_beta > 0:
     ref = base if base is not None else jax.jit(lambda p: jax.tree.map(jnp.copy, p),
                                                 out_shardings=pshard)(params)

@@ -31,14 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from flax import nnx
 
 from rewarddance_jax import checkpoint as ckpt_lib
 from rewarddance_jax.data import pairs as pairs_lib
 from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.flow import matching
 from rewarddance_jax.models.backbone import Backbone, cond_from_batch
-from rewarddance_jax.models.generator import Generator
+from rewarddance_jax.parallel import rng as rng_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.parallel.trees import count_params
 from rewarddance_jax.rewards import latent as latent_lib
@@ -70,7 +69,7 @@ def _normalise(d):
 def load_base(config, backbone: Backbone, mesh, rules):
   """(base params cut to the backbone, their shardings): restored, or fresh when base_workdir=''."""
   gen_cfg = backbone.gen_cfg
-  factory = lambda: Generator(gen_cfg, rngs=nnx.Rngs(int(config.seed)))
+  factory = common.generator_factory(gen_cfg, config.seed)
   _, (target,), (full_shard,) = sharding_lib.sharded_abstract(factory, mesh, rules)
   shardings = backbone.take(full_shard)
   base_dir = str(config.reward.get('base_workdir', ''))
@@ -186,7 +185,7 @@ def make_evaluator(config, backbone: Backbone, head_gd, eval_batch: dict, mesh, 
   ens = tuple(float(s) for s in config.reward.get('ensemble_sigmas',
                                                   thurstone_lib.DEFAULT_ENSEMBLE))
   batch = sharding_lib.host_to_global({k: eval_batch[k] for k in _BATCH_KEYS}, mesh, rules)
-  key = jax.random.key(int(config.seed) + 7)
+  key = rng_lib.key(config.seed, 'eval_noise')
 
   @jax.jit
   def at_sigma(params, base, batch, sigma):
@@ -258,10 +257,10 @@ def build_state(config, mesh, rules):
   base, base_shard = load_base(config, backbone, mesh, rules)
   hcfg = latent_lib.head_config(config, backbone)
   head_gd, (head,), (head_shard,) = sharding_lib.sharded_init(
-      latent_lib.head_factory(config, hcfg, int(config.seed) + 1), mesh, rules)
+      latent_lib.head_factory(config, hcfg, rng_lib.key(config.seed, 'head_init')), mesh, rules)
   lora_shard = backbone.lora_shardings(jax.eval_shape(lambda b: backbone.init_lora(
       b, jax.random.key(0)), base), base_shard)
-  lora = jax.jit(lambda b: backbone.init_lora(b, jax.random.key(int(config.seed) + 2)),
+  lora = jax.jit(lambda b: backbone.init_lora(b, rng_lib.key(config.seed, 'lora_init')),
                  out_shardings=lora_shard)(base)
   params, pshard = {'lora': lora, 'head': head}, {'lora': lora_shard, 'head': head_shard}
   tx = optim.make_optimizer(config.optax)
@@ -281,7 +280,7 @@ def train(config, workdir: str) -> dict:
   tok = _tokenizer(config, workdir)
   data_iter = make_pairs(config, tok, 'train', int(config.pairs.batch_size), int(config.seed))
   eval_batch = next(make_pairs(config, tok, 'heldout', int(config.eval.num_pairs),
-                               int(config.seed) + 1))
+                               rng_lib.seed_for(config.seed, 'heldout_pairs')))
   evaluate = make_evaluator(config, backbone, head_gd, eval_batch, mesh, rules)
 
   def to_device(batch):
