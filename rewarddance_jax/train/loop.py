@@ -24,7 +24,8 @@ pytrees (`params`, `opt_state`, optional `ema`, ...), the state's shardings, a d
      skipped steps; every checkpoint is finite (1, and `Checkpointer.save` refuses otherwise);
   6. checkpoints every `ckpt_every` steps and at the end (async), keeping the newest `keep` (so
      always the last); on SIGTERM it saves at the next step boundary and returns cleanly;
-  7. runs each hook `(every, fn(state, step))` when `step % every == 0` and at the end.
+  7. runs each hook `(every, fn(state, step))` when `step % every == 0` and at the end; what a hook
+     returns is logged: scalars, and uint8 images (H, W[, C]) to TensorBoard.
 """
 
 from __future__ import annotations
@@ -192,6 +193,15 @@ def _changed_config(ckpt: ckpt_lib.Checkpointer, step: int, config_json: dict | 
   return changes
 
 
+def _write_hook_metrics(writer: metrics_lib.MetricWriter, step: int, values: dict) -> None:
+  images = {k: v for k, v in values.items() if np.ndim(v) >= 2}
+  for name, image in images.items():
+    writer.write_images(step, name, image)
+  scalars = {k: v for k, v in values.items() if k not in images}
+  if scalars:
+    writer.write_scalars(step, scalars)
+
+
 class _Sigterm:
   """Turns SIGTERM into a flag the loop checks between steps (the main thread only)."""
 
@@ -317,7 +327,7 @@ def run(*, workdir: str, loop: LoopConfig, state: dict, state_shardings: dict, s
             with context():
               extra = fn(state, step)
             if extra:
-              writer.write_scalars(step, extra)
+              _write_hook_metrics(writer, step, extra)
         if step % loop.ckpt_every == 0 or last or term.received:
           save(step)
         if term.received:
