@@ -17,7 +17,6 @@ decode; --search verifiers are reward kinds (mean_intensity, vlm_yes with --veri
 import json
 import os
 
-import jax
 import ml_collections
 import numpy as np
 from absl import flags
@@ -29,6 +28,7 @@ from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax import evaluate
 from rewarddance_jax import judge as judge_lib
 from rewarddance_jax import logs
+from rewarddance_jax.parallel import rng as rng_lib
 from rewarddance_jax.rewards import registry
 from rewarddance_jax.train import common, generate
 
@@ -82,7 +82,7 @@ def main(argv):
     return sample_encoded(config, fam, graphdef, params, mesh, rules, step)
   tok = tokenizer_lib.load_or_build(workdir, config.model.get('vocab_size'))
   kw = dict(per_class=_PER_CLASS.value, max_len=int(config.data.max_text_len),
-            key=jax.random.key(_SEED.value))
+            key=rng_lib.key(_SEED.value, 'sample'))
   name, extra = f'samples_{step}', {}
   with common.mesh_context(mesh, rules):
     if _SEARCH.value == 'none':
@@ -122,7 +122,7 @@ def sample_encoded(config, fam, graphdef, params, mesh, rules, step: int):
     images, ids, prompts, calls = generate.sample_family(
         fam, graphdef, params, fam.codec(mesh, rules), config.sampler,
         prompts_dir=_PROMPTS.value or fam.encoded_prompts, count=_COUNT.value,
-        key=jax.random.key(_SEED.value), search_method=_SEARCH.value, verifier=verifier,
+        key=rng_lib.key(_SEED.value, 'sample'), search_method=_SEARCH.value, verifier=verifier,
         n=_N.value, **({'m': _M.value, 'delta_f': _DELTA_F.value, 'every': _EVERY.value}
                        if _SEARCH.value == 'sop' else {}))
   name = f'samples_{step}' + ('' if _SEARCH.value == 'none' else f'_{_SEARCH.value}')

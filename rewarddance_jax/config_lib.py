@@ -16,7 +16,6 @@ attribute (e.g. `RANGES = {'lr': '[0, inf)', 'b1': '[0, 1)'}`) are one-line erro
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import sys
 import types

@@ -21,6 +21,7 @@ from flax import nnx
 
 from rewarddance_jax import families
 from rewarddance_jax.parallel import mesh as mesh_lib
+from rewarddance_jax.parallel import rng as rng_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 
 
@@ -177,6 +178,6 @@ def run_loop(config, workdir: str, *, desc: str, state, shardings, step_fn, data
   return loop_lib.run(
       workdir=workdir, loop=loop_lib.LoopConfig.from_config(config, desc=desc), state=state,
       state_shardings=shardings, step_fn=step_fn, data_iter=data_iter, to_device=to_device,
-      key=jax.random.key(int(config.seed)), mesh=mesh, hooks=hooks, config_json=config.to_dict(),
+      key=rng_lib.key(config.seed, 'loop'), mesh=mesh, hooks=hooks, config_json=config.to_dict(),
       context=lambda: mesh_context(mesh, rules), consts=consts,
       step_key=step_cache_key(config, mesh))

@@ -30,6 +30,7 @@ from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.families.base import Guidance, guided_velocity
 from rewarddance_jax.flow import rollout as rollout_lib
 from rewarddance_jax.flow import schedules, search
+from rewarddance_jax.parallel import rng as rng_lib
 
 
 def velocity_fn(graphdef, params, cond: dict, guidance=None):
@@ -116,21 +117,25 @@ def write_samples(directory: str, name: str, images: np.ndarray, labels: np.ndar
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, f'{name}.npz')
   samples_lib.save_samples(path, images, labels, prompts)
-  grid = metrics_lib.image_grid(images, ncols=ncols or max(1, len(images) // 10))
-  metrics_lib.save_png(os.path.join(directory, f'{name}.png'), grid)
+  metrics_lib.save_png(os.path.join(directory, f'{name}.png'), sample_grid(images, ncols))
   return path
+
+
+def sample_grid(images: np.ndarray, ncols: int | None = None) -> np.ndarray:
+  """The uint8 grid of `write_samples`' PNG (default: ten rows, one per digit prompt)."""
+  return metrics_lib.image_grid(images, ncols=ncols or max(1, len(images) // 10))
 
 
 def make_judge_hook(config, graphdef, tok, workdir: str, image_shape: tuple[int, ...],
                     params_item: str = 'params', extra=None):
   """A loop hook `(state, step) -> metrics`: ODE samples of the ten digit prompts from a fixed key
-  (`state['ema']` if present, else `state[params_item]`) → `samples/samples_<step>.npz/.png`, and
-  the independent judge's prompt-alignment accuracy. `extra(images, labels, tokens, mask) -> dict`
+  (`state['ema']` if present, else `state[params_item]`) → `samples/samples_<step>.npz/.png` and
+  the grid as the image metric 'samples', and the independent judge's prompt-alignment accuracy. `extra(images, labels, tokens, mask) -> dict`
   adds metrics (tokens/mask: the prompts as the generator saw them, for latent rewards that run
   the generator's own blocks).
   """
   sample_fn = make_sampler(graphdef, config.sampler, image_shape)
-  sample_key = jax.random.key(int(config.seed) + 1)
+  sample_key = rng_lib.key(config.seed, 'judge_samples')
   max_len = int(config.data.max_text_len)
 
   @functools.cache
@@ -144,7 +149,7 @@ def make_judge_hook(config, graphdef, tok, workdir: str, image_shape: tuple[int,
                                             per_class=int(config.samples.per_class),
                                             max_len=max_len, key=sample_key)
     write_samples(os.path.join(workdir, 'samples'), f'samples_{step}', images, labels, prompts)
-    out = {'judge_accuracy': judge().accuracy(images, labels)}
+    out = {'judge_accuracy': judge().accuracy(images, labels), 'samples': sample_grid(images)}
     if extra is not None:
       tokens, mask = tokenizer_lib.encode_prompts(tok, prompts, max_len)
       out.update(extra(images, labels, tokens, mask))

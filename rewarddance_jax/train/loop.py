@@ -28,7 +28,8 @@ pytrees (`params`, `opt_state`, optional `ema`, ...), the state's shardings, a d
   6. checkpoints every `ckpt_every` steps and at the end (async), keeping the newest `keep` (so
      always the last); on SIGTERM it saves at the next step boundary, records the step in
      `SIGTERM_STOPS` and returns cleanly (launch/train.py then exits with status 143);
-  7. runs each hook `(every, fn(state, step))` when `step % every == 0` and at the end.
+  7. runs each hook `(every, fn(state, step))` when `step % every == 0` and at the end; what a hook
+     returns is logged: scalars, and uint8 images (H, W[, C]) to TensorBoard.
 """
 
 from __future__ import annotations
@@ -242,6 +243,15 @@ def _newest_intact(ckpt: ckpt_lib.Checkpointer, targets: dict, config_json: dict
 SIGTERM_STOPS: list[int] = []
 
 
+def _write_hook_metrics(writer: metrics_lib.MetricWriter, step: int, values: dict) -> None:
+  images = {k: v for k, v in values.items() if np.ndim(v) >= 2}
+  for name, image in images.items():
+    writer.write_images(step, name, image)
+  scalars = {k: v for k, v in values.items() if k not in images}
+  if scalars:
+    writer.write_scalars(step, scalars)
+
+
 class _Sigterm:
   """Turns SIGTERM into a flag the loop checks between steps (the main thread only)."""
 
@@ -368,7 +378,7 @@ def run(*, workdir: str, loop: LoopConfig, state: dict, state_shardings: dict, s
             with context():
               extra = fn(state, step)
             if extra:
-              writer.write_scalars(step, extra)
+              _write_hook_metrics(writer, step, extra)
         if step % loop.ckpt_every == 0 or last or term.received:
           save(step)
         if term.received and not last:
