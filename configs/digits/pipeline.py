@@ -64,7 +64,7 @@ def get_config(arg=None):
           config='configs.digits.grpo', arg=f'{local}init={{base}},steps={arg.grpo_steps}',
           needs=['base', 'reward_thurstone'],
           overrides=dict(no_samples, grpo={'group_size': 4 if arg.smoke else 16,
-                                           'best_of': 2 if arg.smoke else 8},
+                                           'best_of': 2 if arg.smoke else 8, 'kl_beta': 1.0},
                          data={'batch_size': 8 if arg.smoke else 64}),
           replace={'rewards': {'thurstone': dict(kind='thurstone',
                                                  path='{reward_thurstone}',
