@@ -28,7 +28,8 @@ from configs.digits import flow as flow_config
 from configs.digits import grpo as grpo_config
 from rewarddance_jax import checkpoint as ckpt_lib
 from rewarddance_jax import metrics as metrics_lib
-from rewarddance_jax.data import pipeline
+from rewarddance_jax.data import pairs as pairs_lib, pipeline, prompts as prompts_lib
+from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.parallel import distributed
 from rewarddance_jax.train import flow as flow_trainer, grpo as grpo_trainer
 
@@ -278,11 +279,23 @@ def test_grpo_two_processes_match_one_both_ways(tmp_path):
 
 
 def test_hosts_read_disjoint_blocks_that_make_the_global_batch():
-  whole = next(pipeline.digits_train_iter(16, seed=3, process_index=0, process_count=1))
-  hosts = [next(pipeline.digits_train_iter(16, seed=3, process_index=h, process_count=2))
-           for h in range(2)]
-  np.testing.assert_array_equal(np.concatenate([h['images'] for h in hosts]), whole['images'])
-  np.testing.assert_array_equal(np.concatenate([h['labels'] for h in hosts]), whole['labels'])
+  """The data a trainer reads: host h of 2 gets the h-th half of each global batch (images,
+  GRPO prompt groups, latent-reward pairs), the block host_to_global puts on its devices."""
+  def both(make):
+    whole = next(make(0, 1))
+    halves = [next(make(h, 2)) for h in range(2)]
+    for key, value in whole.items():
+      joined = [x for half in halves for x in half[key]] if isinstance(value, list) else (
+          np.concatenate([half[key] for half in halves]))
+      np.testing.assert_array_equal(joined, value, err_msg=key)
+
+  tok = tokenizer_lib.build_digits_tokenizer()
+  both(lambda h, n: pipeline.digits_train_iter(16, seed=3, process_index=h, process_count=n))
+  records = prompts_lib.digits_prompt_records()
+  both(lambda h, n: pipeline.prompt_iter(records, 16, seed=3, tokenizer=tok, repeat_each=4,
+                                         process_index=h, process_count=n))
+  both(lambda h, n: pairs_lib.DigitPairs(16, split='train', seed=3, tokenizer=tok, max_len=8,
+                                         process_index=h, process_count=n))
 
 
 def test_distributed_initialize_reads_flags_and_environment():
