@@ -39,6 +39,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logs.quiet_libraries()
+  if '://' in _WORKDIR.value:
+    sys.exit(f'error: --workdir={_WORKDIR.value}: metrics, samples and the tokenizer are written '
+             'with local file I/O; mount the bucket (e.g. gcsfuse) and pass the mounted path.')
   try:
     distributed.initialize(_DISTRIBUTED.value, coordinator=_COORDINATOR.value,
                            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,

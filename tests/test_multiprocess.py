@@ -21,8 +21,12 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from jax.experimental import topologies
 
 from configs.digits import flow as flow_config
 from configs.digits import grpo as grpo_config
@@ -30,7 +34,8 @@ from rewarddance_jax import checkpoint as ckpt_lib
 from rewarddance_jax import metrics as metrics_lib
 from rewarddance_jax.data import pairs as pairs_lib, pipeline, prompts as prompts_lib
 from rewarddance_jax.data import tokenizer as tokenizer_lib
-from rewarddance_jax.parallel import distributed
+from rewarddance_jax.parallel import aot, distributed, mesh as mesh_lib
+from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.train import flow as flow_trainer, grpo as grpo_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -296,6 +301,26 @@ def test_hosts_read_disjoint_blocks_that_make_the_global_batch():
                                          process_index=h, process_count=n))
   both(lambda h, n: pairs_lib.DigitPairs(16, split='train', seed=3, tokenizer=tok, max_len=8,
                                          process_index=h, process_count=n))
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.filterwarnings('ignore:Error reading persistent compilation cache entry')
+def test_dcn_mesh_axis_spans_slices_of_compile_only_tpus():
+  """`config.mesh.dcn` on two slices of v5e:2x2 (compile-only devices; CPU devices have no
+  slices): `data` runs across the slices, `fsdp` inside one, and a step reducing over both
+  compiles."""
+  if not aot.libtpu_available():
+    pytest.skip(f'libtpu cannot be loaded/initialised: {aot.libtpu_unavailable_reason()}')
+  devices = list(topologies.get_topology_desc(topology_name='v5e:2x2', platform='tpu',
+                                              num_slices=2).devices)
+  mesh = mesh_lib.create_mesh(ml_collections.ConfigDict(dict(
+      axes=('data', 'fsdp', 'tensor'), ici=(1, -1, 1), dcn=(-1, 1, 1))), devices)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]
+  batch = jax.ShapeDtypeStruct((16, 8), jnp.float32,
+                               sharding=sharding_lib.data_sharding(mesh, sharding_lib.DEFAULT_RULES,
+                                                                   2))
+  jax.jit(lambda x: jnp.mean(x ** 2)).lower(batch).compile()
 
 
 def test_distributed_initialize_reads_flags_and_environment():
