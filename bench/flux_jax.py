@@ -157,6 +157,7 @@ def bench_train(name, flags):
 
 def bench_grpo(name, flags):
   from rewarddance_jax.rewards import base as rewards_base, rules as rules_lib  # noqa
+  from rewarddance_jax.families.base import Guidance, guided_velocity
   from rewarddance_jax.train import grpo_step
   prompts = int(flags.get('prompts', 1))
   group = int(flags.get('group', 12))
@@ -167,12 +168,13 @@ def bench_grpo(name, flags):
   gcfg = grpo_step.GRPOConfig.from_config(dict(
       group_size=group, step_kind='dance', noise_level=0.3, schedule='shift', num_steps=num_steps,
       shift=3.0, selection=dict(kind='fraction', fraction=0.6), minibatches=minibatches,
-      clip_range=1e-4, guidance=3.5, variance_window=10))
+      clip_range=1e-4, variance_window=10))
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-5, weight_decay=1e-4))
   rewards = rewards_base.WeightedRewards([(rules_lib.mean_intensity(), 1.0)])
   step = grpo_step.make_grpo_step(
       graphdef, tx, gcfg, LATENT, reward_names=rewards.names, reward_weights=rewards.weights,
-      decode=lambda z: jnp.clip((z[..., :3] + 1) * 0.5, 0, 1))
+      decode=lambda z, _: jnp.clip((z[..., :3] + 1) * 0.5, 0, 1),
+      velocity=guided_velocity(graphdef, Guidance('distilled', 3.5)))
   state = {'params': params, 'opt_state': jax.jit(tx.init)(params),
            'rl': jax.tree.map(jnp.asarray, grpo_step.init_rl_state(gcfg, batch))}
   _, cond = inputs(prompts, jax.random.key(1))

@@ -6,12 +6,15 @@
 
 Reads .jsonl/.csv prompt files (data/prompts.py), writes `<out>/prompts*.safetensors` (per
 prompt: txt, pooled, mask) and `<out>/prompts.jsonl`; `weights.text_pipeline.EncodedPrompts`
-reads them back. Tokenizers come from the pipeline's own tokenizer folders (no download).
+reads them back. `--negative_prompt=TEXT` also writes `<out>/negative` (one prompt), which
+classifier-free guidance reads (`config.guidance`). Tokenizers come from the pipeline's own
+tokenizer folders (no download).
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import ml_collections
 import numpy as np
@@ -34,6 +37,9 @@ _T5_LEN = flags.DEFINE_integer('t5_len', None, 'T5 tokens (default: 512 flux, 25
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', sorted(DTYPES), 'Stored dtype of txt / pooled.')
 _MASK = flags.DEFINE_boolean('mask_text', False, 'Mask T5 padding (FLUX/SD3 pipelines do not).')
 _CACHE = flags.DEFINE_string('cache_dir', None, 'Converted-weights cache for the encoders.')
+_NEGATIVE = flags.DEFINE_string(
+    'negative_prompt', None, 'Also encode this negative prompt ("" for the empty one) to '
+    '<out>/negative, the unconditional side of classifier-free guidance.')
 
 
 def main(argv):
@@ -52,6 +58,10 @@ def main(argv):
     records = prompts_lib.load_prompt_file(_PROMPTS.value)
     summary = text_pipeline.encode_records(encoder, records, _OUT.value, batch_size=_BATCH.value,
                                            dtype=dtype)
+    if _NEGATIVE.value is not None:
+      text_pipeline.write_encoded(encoder, [_NEGATIVE.value], os.path.join(_OUT.value, 'negative'),
+                                  batch_size=_BATCH.value, dtype=dtype)
+      summary['negative_prompt'] = _NEGATIVE.value
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from e
   print(json.dumps(summary))

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
+from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax import checkpoint as ckpt_lib
 from rewarddance_jax import evaluate
 from rewarddance_jax import judge as judge_lib
@@ -62,7 +63,7 @@ def main(argv):
       config.sampler[name] = flag.value
   config.mesh.ici = tuple(config.mesh.ici)
   mesh, rules = common.setup_mesh(config)
-  tok = common.digits_tokenizer(workdir, config.model.get('vocab_size'))
+  tok = tokenizer_lib.load_or_build(workdir, config.model.get('vocab_size'))
   graphdef, params, pshard, _ = common.build_generator(config, mesh, rules, abstract=True)
   has_ema = os.path.isdir(os.path.join(str(ckpt.step_directory(step)), 'ema'))
   item = 'ema' if has_ema else 'params'

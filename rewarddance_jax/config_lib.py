@@ -6,14 +6,24 @@ fields with defaults (big_vision's convention):
   1. split on commas; `name=value` sets a field, a bare `name` sets a bool field to True;
   2. each value is converted to the type of its default (bool accepts true/false/1/0/yes/no);
   3. a name without a default is an error that names it.
+
+`section(cls, cfg, where)` turns a config section into a frozen dataclass: unknown keys, values
+of the wrong type and numbers outside the interval the dataclass declares in its `RANGES` class
+attribute (e.g. `RANGES = {'lr': '[0, inf)', 'b1': '[0, 1)'}`) are one-line errors naming
+`where.key`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 import sys
+import types
+import typing
 
 import ml_collections
+import numpy as np
 from absl import flags
 
 
@@ -52,6 +62,69 @@ def check_keys(section, allowed, where: str) -> None:
   unknown = sorted(set(section.keys()) - set(allowed))
   if unknown:
     raise ValueError(f'{where} has unknown key(s) {unknown}; allowed: {sorted(allowed)}.')
+
+
+def _interval(spec: str) -> tuple[float, float, bool, bool]:
+  """'[lo, hi)' → (lo, hi, lo_closed, hi_closed); 'inf' and '-inf' are allowed as bounds."""
+  m = re.fullmatch(r'\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*', spec)
+  if not m:
+    raise ValueError(f'range {spec!r} is not an interval such as "[0, 1)".')
+  return float(m.group(2)), float(m.group(3)), m.group(1) == '[', m.group(4) == ']'
+
+
+def _numeric_kind(hint) -> type | None:
+  """int or float for a field typed int, float or `X | None` of them; else None."""
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+    kinds = {a for a in typing.get_args(hint) if a is not type(None)}
+    return next(iter(kinds)) if len(kinds) == 1 and kinds <= {int, float} else None
+  return hint if hint in (int, float) else None
+
+
+def check_number(value, kind: type, spec: str | None, name: str):
+  """`value` as `kind` (int or float), or a one-line error naming `name=value` and the range."""
+  want = 'an integer' if kind is int else 'a number'
+  ok = not isinstance(value, bool) and isinstance(
+      value, (int, np.integer) if kind is int else (int, float, np.integer, np.floating))
+  if ok and spec is not None:
+    lo, hi, lo_closed, hi_closed = _interval(spec)
+    v = float(value)
+    ok = (lo <= v if lo_closed else lo < v) and (v <= hi if hi_closed else v < hi)
+  if not ok:
+    raise ValueError(f'{name}={value!r} must be {want}' + (f' in {spec}.' if spec else '.'))
+  return kind(value)
+
+
+def section(cls, cfg, where: str, **given):
+  """The frozen dataclass `cls` from the config section `cfg` (a mapping, or None for {}).
+
+  `given` adds entries the caller supplies (they override `cfg`). Keys must be fields of `cls`;
+  a list becomes a tuple for a tuple-typed field, a mapping becomes the nested dataclass of a
+  dataclass-typed field; int and float fields must hold numbers, inside `cls.RANGES[key]` when
+  it names an interval. Every error is one line naming `where.key`.
+  """
+  cfg = {**dict(cfg or {}), **given}
+  fields = [f for f in dataclasses.fields(cls) if f.init]
+  check_keys(cfg, [f.name for f in fields], where)
+  missing = [f.name for f in fields if f.name not in cfg and f.default is dataclasses.MISSING
+             and f.default_factory is dataclasses.MISSING]
+  if missing:
+    raise ValueError(f'{where} is missing key(s) {missing}.')
+  hints = typing.get_type_hints(cls)
+  ranges = getattr(cls, 'RANGES', {})
+  if set(ranges) - set(hints):
+    raise TypeError(f'{cls.__name__}.RANGES names no field: {sorted(set(ranges) - set(hints))}.')
+  kw = {}
+  for key, value in cfg.items():
+    hint, name = hints[key], f'{where}.{key}'
+    if dataclasses.is_dataclass(hint) and hasattr(value, 'keys'):
+      value = section(hint, value, name)
+    elif typing.get_origin(hint) is tuple and isinstance(value, list):
+      value = tuple(value)
+    kind = _numeric_kind(hint)
+    if kind is not None and value is not None:
+      value = check_number(value, kind, ranges.get(key), name)
+    kw[key] = value
+  return cls(**kw)
 
 
 def parse_config_flags(argv):

@@ -22,11 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rewarddance_jax.data import tokenizer as tokenizer_lib
+from rewarddance_jax.families.digits import LATENT_SHAPE
 from rewarddance_jax import metrics as metrics_lib
 from rewarddance_jax.rewards import registry
 from rewarddance_jax.train import common, generate
 
-IMAGE_SHAPE = (16, 16, 1)
 GENERATOR_TRAINERS = ('flow', 'grpo', 'refl', 'prfl', 'r0')
 
 
@@ -178,14 +179,14 @@ def evaluate_pipeline(config, workdir: str, records: dict, stages, reward_cfg) -
   dirs = {name: directory for name, _, directory in stages}
   score = make_scorer(reward_cfg)
   judge = judge_lib.DigitJudge.load_or_train()
-  tok = common.digits_tokenizer(None)
+  tok = tokenizer_lib.load_or_build(None)
   key = jax.random.key(int(config.seed) + 1000)
   rows, grids, rl_stages = [], [], []
   for name, cfg, _ in stages:
     if cfg.trainer not in GENERATOR_TRAINERS:
       continue
     graphdef, params = _stage_generator(cfg, dirs[name])
-    sample_fn = generate.make_sampler(graphdef, cfg.sampler, IMAGE_SHAPE)
+    sample_fn = generate.make_sampler(graphdef, cfg.sampler, LATENT_SHAPE)
     images, labels, prompts = generate.sample_digits(
         sample_fn, params, tok, per_class=int(ecfg.per_class),
         max_len=int(cfg.data.max_text_len), key=key)

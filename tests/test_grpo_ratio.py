@@ -20,6 +20,8 @@ import pytest
 from flax import nnx
 
 from configs.digits import grpo as grpo_config
+from rewarddance_jax.families.digits import LATENT_SHAPE
+from rewarddance_jax.families.base import unit_decode
 from rewarddance_jax.parallel import mesh as mesh_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import base, rules
@@ -45,9 +47,9 @@ def _first_update(batch_size, group_size):
   tx = optim.make_optimizer(c.optax)
   state, _ = grpo_trainer.build_state(c, params, pshard, tx, mesh, batch_size, gcfg)
   rewards = base.WeightedRewards([(rules.mean_intensity(), 1.0)])
-  step = grpo_step.make_grpo_step(graphdef, tx, gcfg, grpo_trainer.IMAGE_SHAPE,
+  step = grpo_step.make_grpo_step(graphdef, tx, gcfg, LATENT_SHAPE,
                                   reward_names=rewards.names, reward_weights=rewards.weights,
-                                  decode=grpo_trainer.decode_unit)
+                                  decode=unit_decode)
   rng = np.random.default_rng(batch_size)
   tokens = np.repeat(rng.integers(4, 40, size=(batch_size // group_size, 8)).astype(np.int32),
                      group_size, axis=0)
@@ -119,7 +121,7 @@ def test_rollout_runs_the_generator_on_the_update_minibatches(minibatches):
   rewards = base.WeightedRewards([(rules.mean_intensity(), 1.0)])
   fns = grpo_step.make_grpo_functions(graphdef, tx, gcfg, (4, 4, 1), reward_names=rewards.names,
                                       reward_weights=rewards.weights,
-                                      decode=grpo_trainer.decode_unit)
+                                      decode=unit_decode)
   state = {'params': params, 'opt_state': tx.init(params), 'rl': grpo_step.init_rl_state(gcfg, b)}
   batch = {'tokens': jnp.repeat(jnp.arange(b // g, dtype=jnp.int32)[:, None], g, axis=0)}
   _, m = jax.jit(fns.step)(state, batch, jax.random.key(3), {'rewards': rewards, 'ref': None})

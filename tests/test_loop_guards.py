@@ -133,7 +133,7 @@ def test_flow_trainer_with_adam_eps_0_keeps_its_initial_params(tmp_path):
 def test_loop_numbers_are_checked(key, value):
   with pytest.raises(ValueError) as excinfo:
     loop_lib.LoopConfig.from_config(_config(**{key: value}))
-  assert str(excinfo.value) == f'config.{key}={value!r} must be an integer >= 1.'
+  assert str(excinfo.value) == f'config.{key}={value!r} must be an integer in [1, inf).'
   loop_lib.LoopConfig.from_config(_config(**{key: 1}))
 
 

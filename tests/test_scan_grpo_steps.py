@@ -50,8 +50,8 @@ def _config(lora: bool):
   c.grpo.update(group_size=2, num_steps=3, minibatches=1,
                 selection=dict(kind='prefix', fraction=1.0))
   if lora:
-    c.grpo.lora = dict(rank=RANK, alpha=2.0 * RANK, targets=lora_lib.BLOCK_TARGETS)
-    c.lora_base_dtype = 'bfloat16'
+    c.grpo.lora = dict(rank=RANK, alpha=2.0 * RANK, targets=lora_lib.BLOCK_TARGETS,
+                       base_dtype='bfloat16')
   return c
 
 

@@ -69,7 +69,9 @@ def test_sharded_step_equals_single_device():
   p0_s, p1_s, loss_s = _one_step(cfg, jax.devices())
   cfg.mesh.ici = (1, 1, 1)
   p0_1, p1_1, loss_1 = _one_step(cfg, jax.devices()[:1])
-  jax.tree.map(np.testing.assert_array_equal, p0_s, p0_1)   # identical init on any mesh
+  # The same random bits on any mesh (partitionable threefry); the float transforms after them
+  # compile per sharding, so the init agrees to rounding, not bitwise (seen: 1 ulp, test order).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), p0_s, p0_1)
   np.testing.assert_allclose(loss_s, loss_1, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1_s, p1_1)
   moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1_s),

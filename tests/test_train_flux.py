@@ -16,7 +16,7 @@ torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
 from configs.flux import grpo_flux_dev, r0_flux_dev  # noqa: E402
-from rewarddance_jax import metrics as metrics_lib  # noqa: E402
+from rewarddance_jax import families, metrics as metrics_lib  # noqa: E402
 from rewarddance_jax.parallel import mesh as mesh_lib  # noqa: E402
 from rewarddance_jax.parallel import sharding as sharding_lib  # noqa: E402
 from rewarddance_jax.rewards import registry  # noqa: E402
@@ -40,6 +40,18 @@ def _randomise(model, seed, scale):
       p.copy_(base + scale * torch.randn(p.shape, generator=g))
 
 
+def tiny_vae(path: str, channels: int, scaling: float, shift: float):
+  """A small random diffusers AutoencoderKL saved at `path` (8× downsampling, 3 colours)."""
+  vae = diffusers.AutoencoderKL(
+      in_channels=3, out_channels=3, latent_channels=channels, block_out_channels=(8, 8),
+      down_block_types=('DownEncoderBlock2D',) * 2, up_block_types=('UpDecoderBlock2D',) * 2,
+      layers_per_block=1, norm_num_groups=4, scaling_factor=scaling, shift_factor=shift,
+      use_quant_conv=False, use_post_quant_conv=False).eval()
+  _randomise(vae, 2, 0.15)
+  vae.save_pretrained(path)
+  return vae
+
+
 @pytest.fixture(scope='module')
 def dirs(tmp_path_factory):
   root = tmp_path_factory.mktemp('flux_pipeline')
@@ -50,13 +62,7 @@ def dirs(tmp_path_factory):
       guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
   _randomise(flux, 1, 0.1)
   flux.save_pretrained(str(root / 'transformer'))
-  vae = diffusers.AutoencoderKL(
-      in_channels=3, out_channels=3, latent_channels=C, block_out_channels=(8, 8),
-      down_block_types=('DownEncoderBlock2D',) * 2, up_block_types=('UpDecoderBlock2D',) * 2,
-      layers_per_block=1, norm_num_groups=4, scaling_factor=0.3611, shift_factor=0.1159,
-      use_quant_conv=False, use_post_quant_conv=False).eval()
-  _randomise(vae, 2, 0.15)
-  vae.save_pretrained(str(root / 'vae'))
+  vae = tiny_vae(str(root / 'vae'), C, 0.3611, 0.1159)
 
   def encoder(prompts):   # a stand-in for T5/CLIP: fixed random embeddings per prompt text
     rng = [np.random.default_rng(sum(map(ord, p))) for p in prompts]
@@ -124,9 +130,9 @@ def test_step_decode_matches_diffusers_vae(dirs):
   cfg = _config(dirs, 1)
   mesh = mesh_lib.create_mesh(cfg.mesh, jax.devices()[:1])
   rules = sharding_lib.rules_from_config(cfg.sharding_rules)
-  decode, params = grpo_trainer.vae_decoder(cfg, mesh, rules)
+  codec = families.from_config(cfg).codec(mesh, rules)
   z = np.random.default_rng(0).standard_normal((2, 8, 8, C)).astype(np.float32)
-  ours = np.asarray(jax.jit(decode)(jnp.asarray(z), params))
+  ours = np.asarray(jax.jit(codec.decode)(jnp.asarray(z), codec.params))
   vae = dirs['vae']
   with torch.no_grad():
     lat = torch.from_numpy(z).permute(0, 3, 1, 2) / vae.config.scaling_factor

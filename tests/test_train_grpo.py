@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from configs.digits import grpo as grpo_config
+from rewarddance_jax.families.digits import LATENT_SHAPE
+from rewarddance_jax.families.base import unit_decode
 from rewarddance_jax import metrics as metrics_lib
 from rewarddance_jax.parallel import mesh as mesh_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
@@ -50,9 +52,9 @@ def _setup(config, devices, fm_table=None):
     params, pshard = grpo_trainer.init_lora(gcfg.lora, frozen, pshard, jax.random.key(1))
   state, shard = grpo_trainer.build_state(config, params, pshard, tx, mesh, B, gcfg)
   rewards = base.WeightedRewards([(rules.mean_intensity(), 1.0)])
-  step = grpo_step.make_grpo_step(graphdef, tx, gcfg, grpo_trainer.IMAGE_SHAPE,
+  step = grpo_step.make_grpo_step(graphdef, tx, gcfg, LATENT_SHAPE,
                                   reward_names=rewards.names, reward_weights=rewards.weights,
-                                  decode=grpo_trainer.decode_unit)
+                                  decode=unit_decode)
   rng = np.random.default_rng(0)
   tokens = np.repeat(rng.integers(4, 40, size=(B // G, 8)).astype(np.int32), G, axis=0)
   host = {'tokens': tokens, 'mask': np.ones((B, 8), bool)}
@@ -171,6 +173,24 @@ def test_trainer_resume_equals_uninterrupted(tmp_path):
   assert key(resumed) == key(straight)
 
 
+def test_split_mode_gives_the_fused_metrics_and_resumes(tmp_path):
+  """grpo.split: rollout + rewards and the update as two jitted programs (loop.SplitStep)."""
+  fused = _config(total_steps=3)
+  fused.ckpt.every = 2
+  grpo_trainer.train(fused, str(tmp_path / 'fused'))
+  split = _config(total_steps=2)
+  split.grpo.split = True
+  split.ckpt.every = 2
+  grpo_trainer.train(split, str(tmp_path / 'split'))
+  split.total_steps = 3
+  grpo_trainer.train(split, str(tmp_path / 'split'))
+  names = ('loss', 'reward_mean', 'grad_norm', 'log_ratio_first_max_abs', 'reward_window_std')
+  key = lambda ms: {m['step']: tuple(m[n] for n in names) for m in ms if 'loss' in m}
+  got = key(metrics_lib.read_metrics(str(tmp_path / 'split')))
+  assert sorted(got) == [1, 2, 3]
+  assert got == key(metrics_lib.read_metrics(str(tmp_path / 'fused')))
+
+
 @pytest.mark.slow  # the full-parameter resume test covers the loop
 def test_lora_trainer_resume_equals_uninterrupted(tmp_path):
   cfg = _config(total_steps=3)
@@ -203,7 +223,7 @@ def test_fm_term_alone_fits_the_real_images_and_pure_grpo_has_none():
   # real images (one fixed image per label): its loss must fall; without fm_weight there is no
   # such term and no metric.
   cfg = _config(**{'grpo.adv_clip': 0.0, 'grpo.fm_weight': 1.0, 'optax.lr': 3e-2})
-  table = np.random.default_rng(0).uniform(size=(B // G, 1) + grpo_trainer.IMAGE_SHAPE)
+  table = np.random.default_rng(0).uniform(size=(B // G, 1) + LATENT_SHAPE)
   state, run = _setup(cfg, jax.devices()[:1], fm_table=table.astype(np.float32))
   losses = []
   for it in range(12):
@@ -242,8 +262,8 @@ def test_best_of_trains_on_each_groups_best_and_worst_rows_only():
     tx = optim.make_optimizer(cfg.optax)
     state, _ = grpo_trainer.build_state(cfg, params, pshard, tx, mesh, B, gcfg)
     fns = grpo_step.make_grpo_functions(
-        graphdef, tx, gcfg, grpo_trainer.IMAGE_SHAPE, reward_names=rewards.names,
-        reward_weights=rewards.weights, decode=grpo_trainer.decode_unit)
+        graphdef, tx, gcfg, LATENT_SHAPE, reward_names=rewards.names,
+        reward_weights=rewards.weights, decode=unit_decode)
     tokens = np.repeat(np.arange(4, 12, dtype=np.int32).reshape(2, 4), G, axis=0)
     batch = {'tokens': jnp.asarray(tokens), 'mask': jnp.ones((B, 4), bool)}
     consts = {'rewards': rewards, 'ref': None, 'base': None}
@@ -287,7 +307,7 @@ def test_reward_window_is_the_std_of_the_last_w_iterations():
 @pytest.mark.parametrize('overrides, match', [
     ({'data.batch_size': 6}, 'divisible by grpo.group_size'),
     ({'grpo.step_kind': 'ode'}, 'no log-probs'),
-    ({'grpo.group_size': 1}, 'group_size must be >= 2'),
+    ({'grpo.group_size': 1}, r'config.grpo.group_size=1 must be an integer in \[2, inf\)'),
 ])
 def test_bad_config_is_one_clear_error(tmp_path, overrides, match):
   cfg = _config(**overrides)

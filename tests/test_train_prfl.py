@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs.digits import prfl as prfl_config
+from rewarddance_jax.families.digits import LATENT_SHAPE
 from rewarddance_jax import metrics as metrics_lib
 from rewarddance_jax.parallel import mesh as mesh_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
@@ -71,10 +72,10 @@ def _step_setup(config, ici, devices):
   graphdef, params, pshard, _ = common.build_generator(config, mesh, rules_)
   tx = optim.make_optimizer(config.optax)
   state, shard = common.policy_state(params, pshard, tx, mesh, 0.0)
-  step = prfl_trainer.make_prfl_step(graphdef, tx, pcfg, prfl_trainer.IMAGE_SHAPE)
+  step = prfl_trainer.make_prfl_step(graphdef, tx, pcfg, LATENT_SHAPE)
   rng = np.random.default_rng(0)
   batch = sharding_lib.host_to_global(
-      {'images': rng.uniform(size=(B,) + prfl_trainer.IMAGE_SHAPE).astype(np.float32),
+      {'images': rng.uniform(size=(B,) + LATENT_SHAPE).astype(np.float32),
        'labels': np.arange(B, dtype=np.int32) % 10,
        'tokens': rng.integers(4, 40, size=(B, 8)).astype(np.int32),
        'mask': np.ones((B, 8), bool)}, mesh, rules_)

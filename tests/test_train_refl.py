@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 
 from configs.digits import refl as refl_config
+from rewarddance_jax.families.digits import LATENT_SHAPE
+from rewarddance_jax.families.base import unit_decode
 from rewarddance_jax import metrics as metrics_lib
 from rewarddance_jax.data import label_table
 from rewarddance_jax.parallel import mesh as mesh_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import base, rules
 from rewarddance_jax.rl import refl as refl_lib
-from rewarddance_jax.train import common, grpo, optim, refl as refl_trainer
+from rewarddance_jax.train import common, optim, refl as refl_trainer
 
 B = 8
 
@@ -69,11 +71,11 @@ def _step(config, devices):
   graphdef, params, pshard, _ = common.build_generator(config, mesh, rules_)
   tx = optim.make_optimizer(config.optax)
   state, shard = refl_trainer.build_state(params, pshard, tx, mesh, 0.0)
-  step = refl_trainer.make_refl_step(graphdef, tx, rcfg, grpo.IMAGE_SHAPE,
-                                     decode=grpo.decode_unit)
+  step = refl_trainer.make_refl_step(graphdef, tx, rcfg, LATENT_SHAPE,
+                                     decode=unit_decode)
   rng = np.random.default_rng(0)
   batch = sharding_lib.host_to_global(
-      {'images': rng.uniform(size=(B,) + grpo.IMAGE_SHAPE).astype(np.float32),
+      {'images': rng.uniform(size=(B,) + LATENT_SHAPE).astype(np.float32),
        'labels': np.arange(B, dtype=np.int32) % 10,
        'tokens': rng.integers(4, 40, size=(B, 8)).astype(np.int32),
        'mask': np.ones((B, 8), bool)}, mesh, rules_)

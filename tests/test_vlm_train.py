@@ -56,7 +56,7 @@ def test_lora_shardings_follow_base_kernels():
   tshard, fshard = frozen_vision.shardings(nnx.to_pure_dict(abstract), pshard)
   assert set(tshard) == {'lora'} and set(fshard) == {'vision', 'projector', 'lm'}
   assert vlm_lora.VLMLoRA.from_config(dict(rank=0)) is None
-  with pytest.raises(ValueError, match='unknown keys'):
+  with pytest.raises(ValueError, match=r"lora has unknown key\(s\) \['rnak'\]"):
     vlm_lora.VLMLoRA.from_config(dict(rank=2, rnak=3))
 
 

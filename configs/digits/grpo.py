@@ -38,7 +38,7 @@ def get_config(arg=None):
                      iters_per_group=25, max_start=-1),
       advantage='dance', global_std=False, adv_clip=5.0, aggregation='advantage',
       clip_range=1e-3, minibatches=2, kl_beta=0.0, rollout_kl=0.0, same_noise=True,
-      guidance=0.0, ema_decay=0.0, variance_window=50, fm_weight=arg.fm_weight,
+      ema_decay=0.0, variance_window=50, fm_weight=arg.fm_weight,
       # best_of = k > 0: train only each group's k/2 best and k/2 worst rollouts (rl/extremes.py).
       best_of=0,
       lora=dict(rank=arg.lora, alpha=2.0 * max(arg.lora, 1), targets=ATTENTION_TARGETS))

@@ -34,7 +34,7 @@ def get_config(arg=None):
   c.init = dict(generator=arg.init, use_ema=False)
   c.data = dict(batch_size=32, max_text_len=8, prompts='')
   c.r0 = dict(num_steps=4, schedule='linear', shift=1.0, eta_max=1.0, l2_weight=arg.l2,
-              norm_eps=1e-8, reward_cap=arg.cap, plus=arg.plus, remat=True, guidance=0.0,
+              norm_eps=1e-8, reward_cap=arg.cap, plus=arg.plus, remat=True,
               ema_decay=0.0)
   c.rewards = {}
   for kind in arg.reward.split('+'):

@@ -35,7 +35,7 @@ def get_config(arg=None):
   # scale 5, not docs/algorithms.md §10 #18's 1e-3: the prototype reward is a small MSE next to
   # the FM term (docs/digits_pipeline.md).
   c.refl = dict(num_steps=20, schedule='linear', shift=1.0, late_fraction=0.25, loss='linear',
-                scale=arg.scale, target=2.0, fm_weight=arg.fm_weight, guidance=0.0, ema_decay=0.0,
+                scale=arg.scale, target=2.0, fm_weight=arg.fm_weight, ema_decay=0.0,
                 reference_n=16, reference_top=2)
   if arg.reward == 'vlm_yes':
     if not arg.reward_path:

@@ -26,7 +26,7 @@ prompts=/data/flux_prompts,reward=thurstone,reward_path=/runs/lrm --workdir=/run
      bf16 compute, scanned blocks, full remat. Full fine-tuning, or with lora=R a rank-R LoRA
      (alpha R) on every block's attention and MLP kernels (`nn/lora.BLOCK_TARGETS`; 269M at
      R = 64), the base frozen in bf16 outside the optimizer (`config.grpo.lora`, as the GRPO
-     trainer reads it; the scanner's `config.lora_base_dtype`).
+     trainer and the scanner read it, `grpo.lora.base_dtype`).
   2. Resolution: 720² pixels give a 90×90×16 latent, 45×45 = 2025 patches of 2×2. We pad the
      latent to 96×96 (768² pixels): 48×48 = 2304 image tokens + 512 T5 tokens = 2816 = 22·128,
      so both attention lengths are multiples of 128 and the TPU flash-attention kernel applies
@@ -81,8 +81,8 @@ def get_config(arg=None):
   add_flux_data(c, arg, batch_size=192)
   # lora=R > 0: the trainable tree is a rank-R LoRA on every block's attention and MLP kernels
   # (alpha = R), the base frozen in bf16 and outside the optimizer (module docstring, item 1).
-  lora = dict(rank=int(arg.lora), alpha=float(arg.lora or 1), targets=BLOCK_TARGETS)
-  c.lora_base_dtype = 'bfloat16'
+  lora = dict(rank=int(arg.lora), alpha=float(arg.lora or 1), targets=BLOCK_TARGETS,
+              base_dtype='bfloat16')
   c.grpo = dict(
       group_size=12, step_kind='dance', noise_level=0.3, schedule='shift', num_steps=16,
       shift=3.0,
@@ -90,7 +90,7 @@ def get_config(arg=None):
                      iters_per_group=25, max_start=-1),
       advantage='dance', global_std=False, adv_clip=5.0, aggregation='advantage',
       clip_range=1e-4, minibatches=3, kl_beta=0.0, rollout_kl=0.0, same_noise=True,
-      guidance=3.5, ema_decay=0.0, variance_window=1000, lora=lora)
+      ema_decay=0.0, variance_window=1000, lora=lora)
   c.optax = dict(lr=1e-5, schedule='constant', warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
                  weight_decay=1e-4, grad_clip=1.0)
   c.scan = dict(

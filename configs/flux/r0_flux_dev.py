@@ -36,7 +36,7 @@ def get_config(arg=None):
   c.max_nonfinite = 10
   add_flux_data(c, arg, batch_size=8)
   c.r0 = dict(num_steps=4, schedule='shift', shift=3.0, eta_max=1.0, l2_weight=arg.l2,
-              norm_eps=1e-8, reward_cap=arg.cap, plus=False, remat=True, guidance=3.5,
+              norm_eps=1e-8, reward_cap=arg.cap, plus=False, remat=True,
               ema_decay=0.0)
   c.optax = dict(lr=arg.lr, schedule='constant', warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
                  weight_decay=0.0, grad_clip=1.0)

@@ -26,6 +26,7 @@ needs the SD3 base weights wired into its `load_base` (not done; the scanner bui
 
 import ml_collections
 
+from configs.sd3.common import SD35_MEDIUM
 from rewarddance_jax.config_lib import parse_arg
 from rewarddance_jax.models.backbone_sd3 import SD3_ATTENTION_TARGETS
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES
@@ -53,13 +54,9 @@ def get_config(arg=None):
   c.log_every = 50
   c.max_nonfinite = 10
 
-  # SD3.5-medium (models/sd3.SD3Config defaults = the diffusers config of SD3.5-medium).
-  c.model = dict(name='sd3.5-medium', family='sd3', latent_channels=16, patch_size=2,
-                 num_heads=24, head_dim=64, depth=24, context_dim=4096,
-                 caption_projection_dim=1536, pooled_dim=2048, pos_embed_max_size=384,
-                 dual_attention_layers=tuple(range(13)), qk_norm=True, mlp_ratio=4.0,
-                 dtype='bfloat16', param_dtype='float32', remat='full', attention='auto',
-                 scan_layers=True)
+  c.family = 'sd3'
+  c.model = dict(SD35_MEDIUM, dtype='bfloat16', param_dtype='float32', remat='full',
+                 attention='auto', scan_layers=True)
   c.reward = dict(
       kind='thurstone', base_workdir='', base_item='params',
       num_blocks=12, layers=(4, 8, 12),

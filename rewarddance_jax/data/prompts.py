@@ -26,6 +26,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from rewarddance_jax.data import digits
 
 PROMPT_FILE_EXTENSIONS = ('.jsonl', '.csv')
@@ -156,6 +158,17 @@ def load_prompt_file(path: str | os.PathLike[str]) -> list[PromptRecord]:
   if not records:
     raise PromptFileError(f'{path}: empty prompt file (no prompts)')
   return records
+
+
+def prompt_labels(prompts) -> np.ndarray:
+  """(b,) int32: the digit each prompt names (`digits.label_from_prompt`), −1 where none."""
+  labels = []
+  for text in prompts:
+    try:
+      labels.append(digits.label_from_prompt(text))
+    except ValueError:
+      labels.append(-1)
+  return np.asarray(labels, np.int32)
 
 
 def digits_prompt_records() -> list[PromptRecord]:

@@ -110,6 +110,24 @@ def load_tokenizer(path: str | os.PathLike[str]) -> tokenizers.Tokenizer:
   return tok
 
 
+def load_or_build(workdir: str | None, vocab_limit: int | None = None) -> tokenizers.Tokenizer:
+  """`workdir/tokenizer.json` when present, else the digits tokenizer (saved there, so samplers
+  and later stages read the same vocabulary); checks it fits a model vocabulary of
+  `vocab_limit` tokens."""
+  path = os.path.join(workdir, 'tokenizer.json') if workdir else None
+  if path and os.path.exists(path):
+    tok = load_tokenizer(path)
+  else:
+    tok = build_digits_tokenizer()
+    if path:
+      os.makedirs(workdir, exist_ok=True)
+      save_tokenizer(tok, path)
+  size = vocab_size(tok)
+  if vocab_limit is not None and size > int(vocab_limit):
+    raise ValueError(f'tokenizer has {size} tokens but config.model.vocab_size={vocab_limit}.')
+  return tok
+
+
 def encode_prompts(tok: tokenizers.Tokenizer, prompts: Sequence[str],
                    max_len: int) -> tuple[np.ndarray, np.ndarray]:
   """Encodes prompts to (ids int32 (B, L), mask bool (B, L)) with L = max_len.

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rewarddance_jax import config_lib
 from rewarddance_jax.models.mmdit import MMDiT, MMDiTConfig
 from rewarddance_jax.models.text import TokenTextEncoder
 from rewarddance_jax.nn.rope import image_position_ids
@@ -35,25 +36,30 @@ class GeneratorConfig:
   max_text_len: int = 0
   timestep_scale: float = 1000.0
 
+  RANGES = {'latent_channels': '[1, inf)', 'patch_size': '[1, inf)', 'vocab_size': '[0, inf)',
+            'max_text_len': '[0, inf)', 'timestep_scale': '(0, inf)'}
+
+  def __post_init__(self):
+    if self.text not in TEXT_KINDS:
+      raise ValueError(f'config.model.text={self.text!r} is not one of {TEXT_KINDS}.')
+
 
 def generator_config(model_cfg) -> GeneratorConfig:
-  """Builds the static config from the `config.model` section; unknown keys are an error."""
-  cfg = dict(model_cfg)
+  """Builds the static config from the flat `config.model` section (GeneratorConfig and
+  MMDiTConfig keys side by side, and a preset 'name'); unknown keys are an error."""
+  cfg = {k: v for k, v in dict(model_cfg).items() if k != 'name'}
   gen_fields = {f.name for f in dataclasses.fields(GeneratorConfig)} - {'mmdit'}
   mm_fields = {f.name for f in dataclasses.fields(MMDiTConfig)}
-  unknown = set(cfg) - gen_fields - mm_fields - {'name'}
-  if unknown:
-    raise ValueError(f'config.model has unknown key(s) {sorted(unknown)}.')
-  gen = {k: cfg[k] for k in gen_fields if k in cfg}
-  mm = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in mm_fields}
-  p, c = gen.get('patch_size', 2), gen.get('latent_channels', 16)
-  mm.setdefault('in_channels', c * p * p)
-  if mm['in_channels'] != c * p * p:
-    raise ValueError(f'config.model.in_channels={mm["in_channels"]} must equal latent_channels·'
-                     f'patch_size² = {c * p * p}.')
-  if gen.get('text', 'external') not in TEXT_KINDS:
-    raise ValueError(f'config.model.text={gen["text"]!r} is not one of {TEXT_KINDS}.')
-  return GeneratorConfig(mmdit=MMDiTConfig(**mm), **gen)
+  config_lib.check_keys(cfg, gen_fields | mm_fields, 'config.model')
+  gen = config_lib.section(GeneratorConfig, {k: v for k, v in cfg.items() if k in gen_fields},
+                           'config.model', mmdit=None)
+  c_in = gen.latent_channels * gen.patch_size**2
+  mm = {'in_channels': c_in, **{k: v for k, v in cfg.items() if k in mm_fields}}
+  mmdit = config_lib.section(MMDiTConfig, mm, 'config.model')
+  if mmdit.in_channels != c_in:
+    raise ValueError(f'config.model.in_channels={mmdit.in_channels} must equal latent_channels·'
+                     f'patch_size² = {c_in}.')
+  return dataclasses.replace(gen, mmdit=mmdit)
 
 
 def pack(x: jax.Array, p: int) -> jax.Array:

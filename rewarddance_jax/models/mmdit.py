@@ -60,6 +60,11 @@ class MMDiTConfig:
   # constraints, so GSPMD never picks a surprising activation layout between blocks.
   constrain_activations: bool = True
 
+  RANGES = {'in_channels': '[1, inf)', 'out_channels': '[1, inf)', 'num_heads': '[1, inf)',
+            'head_dim': '[1, inf)', 'depth_double': '[0, inf)', 'depth_single': '[0, inf)',
+            'mlp_ratio': '(0, inf)', 'context_dim': '[1, inf)', 'pooled_dim': '[1, inf)',
+            'rope_theta': '(0, inf)'}
+
   @property
   def hidden(self) -> int:
     return self.num_heads * self.head_dim

@@ -57,6 +57,12 @@ class SD3Config:
   remat: str = 'none'
   attention: str = 'auto'
 
+  RANGES = {'latent_channels': '[1, inf)', 'patch_size': '[1, inf)', 'num_heads': '[1, inf)',
+            'head_dim': '[1, inf)', 'depth': '[1, inf)', 'context_dim': '[1, inf)',
+            'caption_projection_dim': '[1, inf)', 'pooled_dim': '[1, inf)',
+            'pos_embed_max_size': '[1, inf)', 'mlp_ratio': '(0, inf)',
+            'timestep_scale': '(0, inf)', 'sample_size': '[1, inf)'}
+
   @property
   def hidden(self) -> int:
     return self.num_heads * self.head_dim

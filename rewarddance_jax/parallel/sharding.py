@@ -262,3 +262,14 @@ def host_to_global(batch: Any, mesh: Mesh, rules: Rules) -> Any:
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """`with_sharding_constraint` by logical names under the active rules (no-op without a mesh)."""
   return nn.with_logical_constraint(x, tuple(names))
+
+
+def materialize(fn: Callable, *args, out_shardings, abstract: bool = False):
+  """`fn(*args)` placed in `out_shardings`; with `abstract`, its `jax.ShapeDtypeStruct`s carrying
+  those shardings instead (nothing runs). State builders go through it, so the layout scanner
+  builds exactly the trainer's state."""
+  if abstract:
+    out = jax.eval_shape(fn, *args)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), out,
+                        out_shardings)
+  return jax.jit(fn, out_shardings=out_shardings)(*args)

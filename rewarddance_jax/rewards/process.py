@@ -65,6 +65,8 @@ class HeadConfig:
   hidden: tuple[int, int] = (1024, 512)
   dtype: str = 'float32'
 
+  RANGES = {'width': '[1, inf)', 'num_heads': '[1, inf)'}
+
   def __post_init__(self):
     if self.width % self.num_heads:
       raise ValueError(f'head width {self.width} is not divisible by num_heads {self.num_heads}.')

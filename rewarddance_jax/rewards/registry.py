@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from rewarddance_jax import config_lib
 from rewarddance_jax.rewards import base, rules
 
 Builder = Callable[..., base.Reward]
@@ -106,10 +107,13 @@ def build_rewards(cfg: Mapping[str, Any], mesh=None, rules=None) -> base.Weighte
     if (mesh is not None and 'placement' not in entry
         and 'placement' in inspect.signature(BUILDERS[kind]).parameters):
       entry['placement'] = (mesh, rules)
+    where = f'config.rewards.{name} (kind {kind!r})'
+    signature = inspect.signature(BUILDERS[kind])
+    if all(p.kind != p.VAR_KEYWORD for p in signature.parameters.values()):
+      config_lib.check_keys(entry, set(signature.parameters) - {'name'}, where)
     try:
-      reward = BUILDERS[kind](name, **entry)
+      signature.bind(name, **entry)
     except TypeError as e:
-      raise ValueError(f'config.rewards.{name} (kind {kind!r}): bad options {sorted(entry)}: '
-                       f'{e}') from None
-    pairs.append((reward, weight))
+      raise ValueError(f'{where}: bad options {sorted(entry)}: {e}') from None
+    pairs.append((BUILDERS[kind](name, **entry), weight))
   return base.WeightedRewards(pairs)

@@ -110,6 +110,9 @@ class HeadConfig:
   ffn_ratio: int = 4
   dtype: str = 'float32'
 
+  RANGES = {'width': '[1, inf)', 'num_layers': '[1, inf)', 'proj_dim': '[0, inf)',
+            'num_queries': '[1, inf)', 'num_heads': '[1, inf)', 'ffn_ratio': '[1, inf)'}
+
   def __post_init__(self):
     if self.width % self.num_heads:
       raise ValueError(f'head width {self.width} is not divisible by num_heads {self.num_heads}.')

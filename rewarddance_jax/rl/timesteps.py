@@ -49,6 +49,9 @@ class TimestepSelection:
   iters_per_group: int = 25
   max_start: int = -1
 
+  RANGES = {'num_steps': '[2, inf)', 'fraction': '(0, 1]', 'window': '[1, inf)',
+            'iters_per_group': '[1, inf)', 'max_start': '[-1, inf)'}
+
   def __post_init__(self):
     if self.kind not in SELECTIONS:
       raise ValueError(f'timestep selection {self.kind!r} is not one of {SELECTIONS}.')

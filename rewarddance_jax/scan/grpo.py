@@ -15,7 +15,8 @@ Everything is a sharded `jax.ShapeDtypeStruct`; no parameter is ever materialise
      replaced by replicated structs.
   2. `abstract_grpo_step(config, mesh)`: the whole GRPO iteration of `train/grpo_step.py`
      (rollout of N steps + reward + group advantages + M minibatch updates) jitted as the loop
-     jits it (state donated), with state = params, AdamW state, [EMA], rl counters; batch =
+     jits it (state donated), with the trainer's own state (`train/grpo.build_policy` with
+     abstract=True: params or LoRA, AdamW state, [EMA], rl counters, frozen base); batch =
      conditioning (external T5/CLIP embeddings or token ids) + the reward's inputs; consts =
      {'rewards', 'ref' (abstract params when kl_beta > 0)}.
   3. `abstract_reward_step(config, mesh)`: the reward forward alone on a batch of
@@ -27,9 +28,9 @@ Everything is a sharded `jax.ShapeDtypeStruct`; no parameter is ever materialise
      (rollout: optimizer state, EMA, reward params; reward: policy state + trajectory; update:
      reward params), so the iteration's per-chip peak is max over its steps of (step total +
      resident) (docs/scaling.md).
-  5. `config.grpo.lora` (rank > 0): the trainable tree is a LoRA (nn/lora.py) on the kernels matching
-     `targets`, the frozen base (in `base_dtype`, bf16 by default) an argument; the generator sees
-     merge(base, lora) in the rollout and in every update step (`Policy.model_params`).
+  5. `config.grpo.lora` (rank > 0): the trainable tree is a LoRA (nn/lora.py) on the kernels
+     matching `targets`, the frozen base (in `grpo.lora.base_dtype`) an argument; the generator sees
+     merge(base, lora) in the rollout and in every update step (`grpo_step.policy_params`).
 Analytic model FLOPs (matmul weights only, attention L² terms and VAE convolutions not counted):
   rollout 2·P·S·B·N, update 6·P·S·B·T (+2·P·S·B·T for the KL reference), reward
   2·(P_vit·S_vit·tiles + P_proj·S_img + P_lm·L + P_head)·B, with P the generator's parameters,
@@ -39,7 +40,6 @@ Analytic model FLOPs (matmul weights only, attention L² terms and VAE convoluti
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -47,17 +47,17 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rewarddance_jax.models.generator import Generator, generator_config
+from rewarddance_jax import families
+from rewarddance_jax.families.base import IDENTITY_CODEC
 from rewarddance_jax.models.vae import VAE_PRESETS, AutoencoderKL
 from rewarddance_jax.models.vlm import InternVL, vlm_config
-from rewarddance_jax.nn import lora as lora_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import base, registry
 from rewarddance_jax.rewards.vlm_losses import yes_probability
 from rewarddance_jax.rewards.vlm_yes import TileSpec, answer_logits, vlm_tiles
-from rewarddance_jax.scan.step import (AbstractStep, abstract, abstract_model, batch_leaf,
-                                       key_struct, tree_size)
-from rewarddance_jax.train import common, grpo_step, optim
+from rewarddance_jax.scan.step import (AbstractStep, abstract_model, batch_leaf, key_struct,
+                                       tree_size)
+from rewarddance_jax.train import common, grpo_step
 from rewarddance_jax.train import grpo as grpo_trainer
 
 
@@ -139,27 +139,14 @@ def abstract_rewards(config, mesh, rules):
   return _replicated(mesh, rewards), {'labels': ((), jnp.int32)}, 0.0
 
 
-def _latent_shape(config) -> tuple[int, ...]:
-  shape = config.data.get('latent_shape', None)
-  if shape is not None:
-    return tuple(int(s) for s in shape)
-  return grpo_trainer.IMAGE_SHAPE
+def _cond_batch(fam, model_cfg, mesh, rules, b: int) -> dict:
+  return {k: batch_leaf(mesh, rules, shape, dtype)
+          for k, (shape, dtype) in fam.cond_shapes(b, model_cfg).items()}
 
 
-def _cond_batch(config, gen_cfg, mesh, rules, b: int) -> dict:
-  text_len = int(config.data.max_text_len)
-  leaf = functools.partial(batch_leaf, mesh, rules)
-  if gen_cfg.text == 'tokens':
-    return {'tokens': leaf((b, text_len), jnp.int32), 'mask': leaf((b, text_len), jnp.bool_)}
-  mm = gen_cfg.mmdit
-  return {'txt': leaf((b, text_len, mm.context_dim), jnp.float32),
-          'pooled': leaf((b, mm.pooled_dim), jnp.float32),
-          'mask': leaf((b, text_len), jnp.bool_)}
-
-
-def _generator_tokens(config, gen_cfg) -> int:
-  h, w = _latent_shape(config)[:2]
-  p = gen_cfg.patch_size
+def _generator_tokens(config, fam, model_cfg) -> int:
+  h, w = fam.latent_shape[:2]
+  p = model_cfg.patch_size
   return (h // p) * (w // p) + int(config.data.max_text_len)
 
 
@@ -173,77 +160,36 @@ def _rows_leaf(mesh, rules, shape, dtype, axis):
 
 @dataclasses.dataclass
 class Policy:
-  """The abstract GRPO policy of a config: what `train/grpo_step.py` trains.
+  """The abstract GRPO policy of a config: the trainer's own (`train/grpo.build_policy` with
+  `abstract=True`) plus what the scanner adds: the rollout's trajectory and the conditioning
+  batch as sharded structs.
 
   state: {'params' (trainable: the generator params, or the LoRA tree), 'opt_state', ['ema'],
-  'rl'}; frozen: {'ref' (or None), ['base']: the frozen generator params under a LoRA};
+  'rl'}; frozen: {'ref' (or None), 'base' (the frozen generator params under a LoRA, or None)};
   trajectory: the rollout's outputs (x, x_next, logp (N−1, B, ...), idx (B, T), x0_hat (B, ...)).
   """
-  graphdef: Any
-  gcfg: Any
-  batch_size: int
+  trainer: Any             # train/grpo.Policy
   state: dict
   shardings: dict
   frozen: dict
-  model_params: Any
   num_params: int          # the generator's parameters (the FLOPs count)
   trajectory: dict
   cond: dict
 
+  @property
+  def gcfg(self):
+    return self.trainer.gcfg
 
-def lora_setup(config) -> dict | None:
-  """The trainer's `config.grpo.lora` (rank, alpha, targets; `train/grpo_step.LoRAConfig`) plus
-  the scanner's `config.lora_base_dtype` (the frozen base's dtype, bf16 by default), or None for
-  full fine-tuning (rank 0)."""
-  lcfg = grpo_step.GRPOConfig.from_config(config.grpo).lora
-  if lcfg.rank <= 0:
-    return None
-  return dict(rank=lcfg.rank, alpha=lcfg.alpha, targets=lcfg.targets,
-              base_dtype=str(config.get('lora_base_dtype', 'bfloat16')))
+  @property
+  def batch_size(self) -> int:
+    return self.trainer.batch_size
 
 
 def abstract_policy(config, mesh, rules) -> Policy:
-  """Generator, trainable tree (full or `config.grpo.lora`), AdamW state, rl counters, trajectory."""
-  gen_cfg = generator_config(config.model)
-  gcfg = grpo_step.GRPOConfig.from_config(config.grpo)
-  b = int(config.data.batch_size)
-  if b % gcfg.group_size or b % gcfg.minibatches:
-    raise ValueError(f'config.data.batch_size={b} must be divisible by grpo.group_size='
-                     f'{gcfg.group_size} and grpo.minibatches={gcfg.minibatches}.')
-  graphdef, params, pshard = abstract_model(lambda: Generator(gen_cfg, rngs=nnx.Rngs(0)),
-                                            mesh, rules)
-  frozen = {'ref': params if gcfg.kl_beta > 0 else None}
-  lcfg = lora_setup(config)
-  if lcfg is None:
-    trainable, tshard = params, pshard
-    model_params = grpo_step.identity_params
-  else:
-    # Frozen base in `base_dtype` (bf16 by default: the blocks compute in bf16 anyway), the LoRA
-    # (fp32) the only tree with gradients and AdamW state (nn/lora.py).
-    dtype = jnp.dtype(lcfg['base_dtype'])
-    frozen['base'] = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), params)
-    lora = jax.eval_shape(lambda p: lora_lib.init_lora(
-        p, rank=lcfg['rank'], alpha=lcfg['alpha'], targets=lcfg['targets'],
-        key=jax.random.key(0)), params)
-    tshard = lora_lib.lora_shardings(lora, pshard)
-    trainable = abstract(lora, tshard)
-    scale = lora_lib.lora_scale(lcfg['rank'], lcfg['alpha'])
-
-    def model_params(lora, consts):
-      return lora_lib.merge(consts['base'], lora, scale)
-
-  tx = optim.make_optimizer(config.optax)
-  oshard = optim.opt_state_shardings(tx, trainable, tshard, mesh)
-  state = {'params': trainable, 'opt_state': abstract(jax.eval_shape(tx.init, trainable), oshard)}
-  shardings = {'params': tshard, 'opt_state': oshard}
-  if gcfg.ema_decay > 0:
-    state['ema'], shardings['ema'] = trainable, tshard
-  rl = _replicated(mesh, grpo_step.init_rl_state(gcfg, b))
-  state['rl'] = rl
-  shardings['rl'] = jax.tree.map(lambda x: x.sharding, rl)
-
-  image = _latent_shape(config)
+  """The trainer's GRPO state built abstractly, the trajectory and the conditioning batch."""
+  pol = grpo_trainer.build_policy(config, mesh, rules, abstract=True)
+  b, gcfg = pol.batch_size, pol.gcfg
+  image = pol.fam.latent_shape
   k, t = gcfg.num_steps - 1, gcfg.selection.num_trained
   trajectory = {
       'x': _rows_leaf(mesh, rules, (k, b) + image, jnp.float32, 1),
@@ -251,9 +197,9 @@ def abstract_policy(config, mesh, rules) -> Policy:
       'logp': _rows_leaf(mesh, rules, (k, b), jnp.float32, 1),
       'idx': _rows_leaf(mesh, rules, (b, t), jnp.int32, 0),
       'x0_hat': _rows_leaf(mesh, rules, (b,) + image, jnp.float32, 0)}
-  return Policy(graphdef=graphdef, gcfg=gcfg, batch_size=b, state=state, shardings=shardings,
-                frozen=frozen, model_params=model_params, num_params=tree_size(params),
-                trajectory=trajectory, cond=_cond_batch(config, gen_cfg, mesh, rules, b))
+  return Policy(trainer=pol, state=pol.state, shardings=pol.shardings, frozen=pol.frozen,
+                num_params=pol.num_params, trajectory=trajectory,
+                cond=_cond_batch(pol.fam, pol.model_cfg, mesh, rules, b))
 
 
 def _grpo_setup(config, mesh):
@@ -266,11 +212,8 @@ def _grpo_setup(config, mesh):
   batch = dict(pol.cond)
   for name, (tail, dtype) in extra.items():
     batch[name] = batch_leaf(mesh, rules, (b,) + tuple(tail), dtype)
-  fns = grpo_step.make_grpo_functions(
-      pol.graphdef, optim.make_optimizer(config.optax), gcfg, _latent_shape(config),
-      reward_names=rewards.names, reward_weights=rewards.weights, decode=grpo_trainer.decode_unit,
-      model_params=pol.model_params)
-  s = _generator_tokens(config, generator_config(config.model))
+  fns = grpo_trainer.make_functions(pol.trainer, rewards, IDENTITY_CODEC)
+  s = _generator_tokens(config, pol.trainer.fam, pol.trainer.model_cfg)
   flops = {'rollout': 2.0 * pol.num_params * s * b * gcfg.num_steps,
            'update': ((6.0 + (2.0 if gcfg.kl_beta > 0 else 0.0)) * pol.num_params * s * b
                       * gcfg.selection.num_trained),
@@ -299,7 +242,7 @@ def abstract_grpo_rollout_step(config, mesh) -> AbstractStep:
   frozen = {k: v for k, v in pol.frozen.items() if k == 'base'}
 
   def rollout_step(trainable, frozen, batch, key, iteration):
-    params = pol.model_params(jax.lax.stop_gradient(trainable), frozen)
+    params = grpo_step.policy_params(pol.gcfg, jax.lax.stop_gradient(trainable), frozen)
     return fns.rollout(params, batch, grpo_step.split_keys(key), iteration)
 
   cond = dict(pol.cond)
@@ -337,7 +280,7 @@ def abstract_reward_step(config, mesh) -> AbstractStep:
   sharding_lib.check_rules(rules, mesh)
   rewards, extra, reward_flops = abstract_rewards(config, mesh, rules)
   b = int(config.data.batch_size)
-  shape = (b,) + _latent_shape(config)
+  shape = (b,) + families.from_config(config).latent_shape
   samples = {'latents': batch_leaf(mesh, rules, shape, jnp.float32)}
   if 'pixels' in rewards.inputs:
     samples['pixels'] = batch_leaf(mesh, rules, shape, jnp.float32)

@@ -2,13 +2,11 @@
 
 The DiNa-LRM / PAVRM train step of `train/latent_reward.py` (`make_train_step`, unchanged) on a
 frozen generator backbone, every argument a sharded `jax.ShapeDtypeStruct`:
-  1. Backbone: `config.model.family` 'sd3' → `models/backbone_sd3.SD3Backbone` over
-     `models/sd3.SD3Generator` (the SD3Config fields of `config.model`); otherwise
-     `rewards.latent.make_backbone` (the MMDiT generator). Base = `take(generator params)` in the
-     model's param dtype, sharded by the config's rules.
-  2. Trainable: the reward's LoRA (`backbone.init_lora`, shardings following the base kernels) and
-     the head; AdamW over them only. State = {'params': {'lora', 'head'}, 'opt_state', 'base'},
-     jitted as the trainer's loop jits it (state donated).
+  1-2. State: the trainer's own (`train/latent_reward.build_state`, abstract=True): the
+     backbone of `config.family` (`rewards.latent.make_backbone`: SD3Backbone for sd3, else the
+     MMDiT Backbone), base = `take(generator params)` sharded by the config's rules, the LoRA and
+     head with AdamW over them only; {'params': {'lora', 'head'}, 'opt_state', 'base'}, jitted as
+     the trainer's loop jits it (state donated).
   3. Batch of `config.pairs.batch_size` pairs: chosen / rejected latents
      (`config.pairs.latent_shape`), the conditioning (token ids, or external txt / pooled / mask
      of `config.pairs.max_text_len` tokens for 'sd3' and external-text MMDiTs) and the pair kind.
@@ -18,86 +16,39 @@ base included, head and attention L² terms not counted), S = image patches + te
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from rewarddance_jax.models.backbone_sd3 import SD3_ATTENTION_TARGETS, SD3Backbone
-from rewarddance_jax.models.generator import Generator, generator_config
-from rewarddance_jax.models.sd3 import SD3Config, SD3Generator
+from rewarddance_jax import families
 from rewarddance_jax.parallel import sharding as sharding_lib
-from rewarddance_jax.rewards import latent as latent_lib
-from rewarddance_jax.scan.step import (AbstractStep, abstract, abstract_model, batch_leaf,
-                                       key_struct, tree_size)
-from rewarddance_jax.train import common, optim
+from rewarddance_jax.scan.step import AbstractStep, batch_leaf, key_struct, tree_size
+from rewarddance_jax.train import common
 from rewarddance_jax.train import latent_reward as latent_trainer
 
 
-def sd3_config(model_cfg):
-  """`SD3Config` from a config.model dict with family='sd3' ('name', 'family' and
-  'scan_layers' are not SD3Config fields: the last one is the backbone's `scan`)."""
-  fields = {f.name for f in dataclasses.fields(SD3Config)}
-  d = dict(model_cfg)
-  d.pop('scan_layers', None)
-  unknown = set(d) - fields - {'name', 'family'}
-  if unknown:
-    raise ValueError(f'config.model (family sd3) has unknown key(s) {sorted(unknown)}.')
-  kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields}
-  if 'dual_attention_layers' in kw:
-    kw['dual_attention_layers'] = tuple(int(i) for i in kw['dual_attention_layers'])
-  return SD3Config(**kw)
-
-
-def make_backbone(config):
-  """(backbone, generator factory, conditioning kind 'tokens' | 'external', context / pooled
-  dims) for config.model."""
-  r = config.reward
-  if config.model.get('family', 'mmdit') == 'sd3':
-    cfg = sd3_config(config.model)
-    backbone = SD3Backbone(cfg, num_blocks=int(r.num_blocks),
-                           layers=tuple(int(l) for l in r.layers), lora_rank=int(r.lora_rank),
-                           lora_alpha=float(r.lora_alpha),
-                           lora_targets=str(r.get('lora_targets', SD3_ATTENTION_TARGETS)),
-                           scan=bool(config.model.get('scan_layers', False)))
-    return (backbone, lambda: SD3Generator(cfg, rngs=nnx.Rngs(0)), 'external',
-            (cfg.context_dim, cfg.pooled_dim), cfg.patch_size)
-  backbone = latent_lib.make_backbone(config)
-  gen_cfg = generator_config(config.model)
-  return (backbone, lambda: Generator(gen_cfg, rngs=nnx.Rngs(0)), gen_cfg.text,
-          (gen_cfg.mmdit.context_dim, gen_cfg.mmdit.pooled_dim), gen_cfg.patch_size)
-
-
 def abstract_latent_reward_step(config, mesh) -> AbstractStep:
-  """The latent-reward train step of `config` on `mesh` (module docstring)."""
+  """The latent-reward train step of `config` on `mesh` (module docstring): the trainer's own
+  state (`train/latent_reward.build_state` with abstract=True)."""
   rules = sharding_lib.rules_from_config(config.sharding_rules)
   sharding_lib.check_rules(rules, mesh)
-  backbone, factory, text, (ctx_dim, pooled_dim), patch = make_backbone(config)
-  _, gen_params, gen_shard = abstract_model(factory, mesh, rules)
-  base_shard = backbone.take(gen_shard)
-  base = backbone.take(gen_params)
-  hcfg = latent_lib.head_config(config, backbone)
-  head_gd, head, head_shard = abstract_model(latent_lib.head_factory(config, hcfg, 0), mesh, rules)
-  lora = jax.eval_shape(lambda b: backbone.init_lora(b, jax.random.key(0)), base)
-  lora_shard = backbone.lora_shardings(lora, base_shard)
-  params = {'lora': abstract(lora, lora_shard), 'head': head}
-  pshard = {'lora': lora_shard, 'head': head_shard}
-  tx = optim.make_optimizer(config.optax)
-  oshard = optim.opt_state_shardings(tx, params, pshard, mesh)
-  state = {'params': params, 'opt_state': abstract(jax.eval_shape(tx.init, params), oshard),
-           'base': base}
-  shardings = {'params': pshard, 'opt_state': oshard, 'base': base_shard}
+  backbone, head_gd, state, shardings, tx = latent_trainer.build_state(config, mesh, rules,
+                                                                      abstract=True)
+  base = state['base']
+  fam = families.from_config(config)
+  model_cfg = fam.model_config()
+  dims = getattr(model_cfg, 'mmdit', model_cfg)
+  ctx_dim, pooled_dim, patch = dims.context_dim, dims.pooled_dim, model_cfg.patch_size
 
   p = config.pairs
   b, text_len = int(p.batch_size), int(p.max_text_len)
-  latent = tuple(int(s) for s in p.latent_shape)
+  latent = tuple(int(s) for s in (p.get('latent_shape', None) or fam.latent_shape))
   leaf = functools.partial(batch_leaf, mesh, rules)
   batch = {'chosen': leaf((b,) + latent, jnp.float32),
            'rejected': leaf((b,) + latent, jnp.float32),
            'mask': leaf((b, text_len), jnp.bool_), 'kind': leaf((b,), jnp.int32)}
-  if text == 'tokens':
+  if fam.conditioning == 'tokens':
     batch['tokens'] = leaf((b, text_len), jnp.int32)
   else:
     batch['txt'] = leaf((b, text_len, ctx_dim), jnp.float32)

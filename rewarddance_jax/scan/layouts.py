@@ -36,6 +36,7 @@ from typing import Any
 
 import ml_collections
 
+from rewarddance_jax import config_lib
 from rewarddance_jax.parallel import aot
 from rewarddance_jax.scan import flow, grpo, latent_reward
 from rewarddance_jax.scan.step import AbstractStep
@@ -157,9 +158,7 @@ def default_layouts(num_devices: int | None = None) -> list[dict]:
 
 
 def _apply_layout(config, layout: dict):
-  unknown = set(layout) - set(LAYOUT_KEYS)
-  if unknown:
-    raise ValueError(f'layout has unknown key(s) {sorted(unknown)}; known: {LAYOUT_KEYS}.')
+  config_lib.check_keys(layout, LAYOUT_KEYS, 'layout')
   cfg = ml_collections.ConfigDict(config.to_dict())
   if 'remat' in layout:
     cfg.model.remat = layout['remat']

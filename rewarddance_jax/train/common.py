@@ -1,12 +1,12 @@
-"""Set-up every trainer shares: mesh and rules, the generator built sharded, the tokenizer.
+"""Set-up every trainer shares: mesh and rules, the generator of the run's family.
 
   1. `setup_mesh(config)`: the mesh from `config.mesh` and the logical rules from
      `config.sharding_rules`, checked against each other.
   2. `mesh_context(mesh, rules)`: the context (mesh + logical rules) under which steps trace.
-  3. `build_generator(config, mesh, rules)`: graphdef + fp32 params created shard by shard.
-  4. `digits_tokenizer(workdir)`: the word-level tokenizer, saved beside the run so samplers and
-     later stages read the same vocabulary.
-  5. `step_cache_key(config, mesh)`: what identifies a trainer's step function, so a second run
+  3. `build_generator(config, mesh, rules)`: graphdef + fp32 params created shard by shard;
+     `init_policy`: the generator to align (public weights, a run's checkpoint, or fresh);
+     `restore_generator`: a run's newest generator (a LoRA run merged into its base).
+  4. `step_cache_key(config, mesh)`: what identifies a trainer's step function, so a second run
      with the same config in one process reuses the compiled step (`loop.run`'s `step_key`).
 """
 
@@ -19,8 +19,7 @@ import os
 import jax
 from flax import nnx
 
-from rewarddance_jax.data import tokenizer as tokenizer_lib
-from rewarddance_jax.models.generator import Generator, generator_config
+from rewarddance_jax import families
 from rewarddance_jax.parallel import mesh as mesh_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 
@@ -39,34 +38,11 @@ def mesh_context(mesh, rules):
 
 
 def build_generator(config, mesh, rules, seed: int | None = None, *, abstract: bool = False):
-  """Returns (graphdef, params, param_shardings, GeneratorConfig). `abstract`: params are
-  `jax.ShapeDtypeStruct`s with their shardings (no init runs), the target of a restore."""
-  gen_cfg = generator_config(config.model)
+  """Returns (graphdef, params, param_shardings, model cfg) of `config.model` in the run's
+  family (`families.GeneratorFamily.init`). `abstract`: params are `jax.ShapeDtypeStruct`s with
+  their shardings (no init runs), the target of a restore."""
   seed = config.seed if seed is None else seed
-  factory = lambda: Generator(gen_cfg, rngs=nnx.Rngs(seed))  # pylint: disable=unnecessary-lambda-assignment
-  if abstract:
-    graphdef, (params,), (shardings,) = sharding_lib.sharded_abstract(
-        factory, mesh, rules, cache_key=('generator', gen_cfg))
-  else:
-    graphdef, (params,), (shardings,) = sharding_lib.sharded_init(
-        factory, mesh, rules, cache_key=('generator', gen_cfg, int(seed)))
-  return graphdef, params, shardings, gen_cfg
-
-
-def digits_tokenizer(workdir: str | None, vocab_limit: int | None = None):
-  """Loads `workdir/tokenizer.json` or builds and saves it; checks it fits the model vocab."""
-  path = os.path.join(workdir, 'tokenizer.json') if workdir else None
-  if path and os.path.exists(path):
-    tok = tokenizer_lib.load_tokenizer(path)
-  else:
-    tok = tokenizer_lib.build_digits_tokenizer()
-    if path:
-      os.makedirs(workdir, exist_ok=True)
-      tokenizer_lib.save_tokenizer(tok, path)
-  size = tokenizer_lib.vocab_size(tok)
-  if vocab_limit is not None and size > vocab_limit:
-    raise ValueError(f'tokenizer has {size} tokens but config.model.vocab_size={vocab_limit}.')
-  return tok
+  return families.from_config(config).init(mesh, rules, int(seed), abstract=abstract)
 
 
 def restore_generator(directory: str, params, shardings, *, use_ema: bool = False):
@@ -110,46 +86,20 @@ def restore_generator(directory: str, params, shardings, *, use_ema: bool = Fals
       base, adapter)
 
 
-# config.model keys that describe how a model runs, not its architecture: with weights from a
-# diffusers directory (`config.init.weights`) the architecture is the directory's config.json.
-RUNTIME_MODEL_KEYS = ('dtype', 'param_dtype', 'scan_layers', 'remat', 'attention')
-
-
-def load_generator_weights(config, mesh, rules):
-  """(graphdef, params, shardings) of public weights named by `config.init.weights`:
-  dict(family='flux', src=<diffusers FLUX directory or pipeline root>, cache_dir=<converted-
-  weights cache, optional>), with config.model's runtime keys (RUNTIME_MODEL_KEYS) applied."""
-  from rewarddance_jax.weights import flux  # pylint: disable=import-outside-toplevel
-  w = dict(config.init.weights)
-  unknown = set(w) - {'family', 'src', 'cache_dir'}
-  if unknown:
-    raise ValueError(f'config.init.weights has unknown key(s) {sorted(unknown)}.')
-  if w.get('family', 'flux') != 'flux':
-    raise ValueError(f'config.init.weights.family={w["family"]!r}: only flux generators can be '
-                     'trained from public weights.')
-  model = dict(config.get('model', {}))
-  overrides = {k: (tuple(model[k]) if isinstance(model[k], list) else model[k])
-               for k in RUNTIME_MODEL_KEYS if k in model}
-  graphdef, params, _ = flux.load(w['src'], mesh, rules, cache_dir=w.get('cache_dir') or None,
-                                  progress=True, **overrides)
-  return graphdef, params, jax.tree.map(lambda a: a.sharding, params)
-
-
 def init_policy(config, mesh, rules):
   """The generator to align: (graphdef, params, shardings): public weights when
-  `config.init.weights.src` is set (`load_generator_weights`), else restored from
+  `config.init.weights.src` is set (the family's loader), else restored from
   `config.init.generator` (a flow or alignment run's workdir) when set, else freshly initialised
   (with a warning)."""
   from absl import logging  # pylint: disable=import-outside-toplevel
-  weights = config.get('init', {}).get('weights', {})
-  if weights and weights.get('src'):
-    if config.init.get('generator'):
-      raise ValueError('config.init: set generator (a workdir) or weights.src, not both.')
-    graphdef, params, pshard = load_generator_weights(config, mesh, rules)
-    logging.info('Starting from the %s weights in %s.', weights.get('family', 'flux'),
-                 weights['src'])
-    return graphdef, params, pshard
+  fam = families.from_config(config)
   init = config.get('init', {}).get('generator', '')
+  if fam.has_weights:
+    if init:
+      raise ValueError('config.init: set generator (a workdir) or weights.src, not both.')
+    graphdef, params, pshard, _ = fam.load(mesh, rules)
+    logging.info('Starting from the %s weights in %s.', fam.name, fam.weights['src'])
+    return graphdef, params, pshard
   graphdef, params, pshard, _ = build_generator(config, mesh, rules, abstract=bool(init))
   if init:
     params = restore_generator(init, params, pshard,
@@ -160,17 +110,40 @@ def init_policy(config, mesh, rules):
   return graphdef, params, pshard
 
 
-def policy_state(params, pshard, tx, mesh, ema_decay: float) -> tuple[dict, dict]:
-  """(state, shardings) of a trained generator: params, optimizer state, EMA if ema_decay > 0."""
+def policy_state(params, pshard, tx, mesh, ema_decay: float, *,
+                 abstract: bool = False) -> tuple[dict, dict]:
+  """(state, shardings) of a trained generator: params, optimizer state, EMA if ema_decay > 0
+  (`abstract`: `jax.ShapeDtypeStruct`s, `sharding_lib.materialize`)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from rewarddance_jax.train import optim  # pylint: disable=import-outside-toplevel
   opt_shard = optim.opt_state_shardings(tx, params, pshard, mesh)
-  state = {'params': params, 'opt_state': jax.jit(tx.init, out_shardings=opt_shard)(params)}
+  state = {'params': params, 'opt_state': sharding_lib.materialize(
+      tx.init, params, out_shardings=opt_shard, abstract=abstract)}
   shardings = {'params': pshard, 'opt_state': opt_shard}
   if ema_decay > 0:
-    state['ema'] = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=pshard)(params)
+    state['ema'] = sharding_lib.materialize(lambda p: jax.tree.map(jnp.copy, p), params,
+                                            out_shardings=pshard, abstract=abstract)
     shardings['ema'] = pshard
   return state, shardings
+
+
+def image_or_prompt_data(config, fam, tok, trainer: str, fm_weight: float, mesh, rules):
+  """(data iterator, to_device) of a reward-feedback trainer (ReFL, PRFL): token-conditioned
+  families train on the digits training split (real images with their prompts, for the
+  flow-matching term of fm_weight > 0); encoded families on their prompt batches."""
+  from rewarddance_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  batch_size = int(config.data.batch_size)
+  if fam.conditioning == 'tokens':
+    data_iter = pipeline.digits_train_iter(batch_size, seed=int(config.seed), tokenizer=tok,
+                                           max_len=int(config.data.max_text_len))
+    keys = ('images', 'labels', 'tokens', 'mask')
+    return data_iter, lambda b: sharding_lib.host_to_global(
+        fam.with_negative({k: b[k] for k in keys}), mesh, rules)
+  if fm_weight > 0:
+    raise ValueError(f'{trainer}.fm_weight > 0 trains on real images, which only the digits '
+                     f'data provides so far; set it to 0 for family {fam.name}.')
+  _, data_iter, to_device = fam.prompt_data(batch_size, 1, mesh, rules, tok=tok)
+  return data_iter, to_device
 
 
 def step_cache_key(config, mesh) -> tuple:

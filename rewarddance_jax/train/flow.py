@@ -19,12 +19,13 @@ import optax
 from absl import logging
 from flax import nnx
 
+from rewarddance_jax.data import tokenizer as tokenizer_lib
+from rewarddance_jax.families.digits import LATENT_SHAPE
 from rewarddance_jax.data import pipeline
 from rewarddance_jax.flow import matching
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.train import common, generate, loop as loop_lib, optim
 
-IMAGE_SHAPE = (16, 16, 1)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, flow_cfg, ema_decay: float):
@@ -56,22 +57,24 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, flow_cfg, ema_de
   return step
 
 
+def build_state(config, mesh, rules, *, abstract: bool = False):
+  """(graphdef, state {'params', 'opt_state', ['ema']}, shardings, optimizer, model cfg): the
+  trainer's state, and with `abstract` the layout scanner's (the same code, shapes only)."""
+  graphdef, params, pshard, gen_cfg = common.build_generator(config, mesh, rules,
+                                                             abstract=abstract)
+  tx = optim.make_optimizer(config.optax)
+  state, shardings = common.policy_state(params, pshard, tx, mesh,
+                                         float(config.get('ema_decay', 0.0)), abstract=abstract)
+  return graphdef, state, shardings, tx, gen_cfg
+
+
 def train(config, workdir: str) -> dict:
   mesh, rules = common.setup_mesh(config)
-  tok = common.digits_tokenizer(workdir, config.model.get('vocab_size'))
-  graphdef, params, pshard, gen_cfg = common.build_generator(config, mesh, rules)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  tok = tokenizer_lib.load_or_build(workdir, config.model.get('vocab_size'))
+  graphdef, state, shardings, tx, _ = build_state(config, mesh, rules)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state['params']))
   logging.info('Generator %s: %.3fM params.', config.model.get('name', ''), n_params / 1e6)
-
-  tx = optim.make_optimizer(config.optax)
-  opt_shard = optim.opt_state_shardings(tx, params, pshard, mesh)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
-  state = {'params': params, 'opt_state': opt_state}
-  shardings = {'params': pshard, 'opt_state': opt_shard}
   ema_decay = float(config.get('ema_decay', 0.0))
-  if ema_decay > 0:
-    state['ema'] = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=pshard)(params)
-    shardings['ema'] = pshard
 
   max_len = int(config.data.max_text_len)
   data_iter = pipeline.digits_train_iter(int(config.data.batch_size), seed=int(config.seed),
@@ -85,5 +88,5 @@ def train(config, workdir: str) -> dict:
   state, last = common.run_loop(
       config, workdir, desc='flow', state=state, shardings=shardings, step_fn=step_fn,
       data_iter=data_iter, to_device=to_device, mesh=mesh, rules=rules,
-      hooks=generate.judge_hooks(config, graphdef, tok, workdir, IMAGE_SHAPE))
+      hooks=generate.judge_hooks(config, graphdef, tok, workdir, LATENT_SHAPE))
   return {'step': last}

@@ -9,123 +9,51 @@
      also the KL reference; checkpoints then hold the LoRA, its optimizer state and 'rl'.
      With `config.grpo.fm_weight` > 0, consts['fm_images'] holds the real training digits per
      label (`fm_table`) for the flow-matching term of the update.
-  3. Prompts: `config.data.encoded_prompts` (a directory written by `launch.encode_prompts`: the
-     T5/CLIP outputs per prompt, for a generator with external text embeddings such as FLUX),
-     else `config.data.prompts` (a jsonl/csv prompt file) or the digit prompts, tokenized; each
-     batch has batch_size / G distinct prompts, each repeated G times adjacently
-     (`data/pipeline.py`). Latents are `config.data.latent_shape` (H, W, C), default the
-     digits' 16×16×1.
-  Real weights: `config.init.weights` (a diffusers FLUX directory, `common.init_policy`) and
-  `config.vae` = dict(src=<diffusers AutoencoderKL directory or pipeline root>, cache_dir='')
-  for rewards that read pixels: x̂0 → VAE decode → [0, 1] inside the step, the VAE params a
-  const (consts['decoder']). Without `config.vae` the pixels are the digits' identity decode.
+  3. The generator family (`config.family`, families/): prompts as the family conditions them
+     (token ids, or the T5/CLIP outputs `launch.encode_prompts` wrote, with the negative prompt
+     under classifier-free guidance), each batch batch_size / G distinct prompts, each repeated
+     G times adjacently; latents of `config.data.latent_shape`; the guided velocity; the codec
+     (`config.vae`: x̂0 → VAE decode → pixels in [0, 1] inside the step, the VAE params a const,
+     consts['decoder']; without it the identity). Public weights: `config.init.weights.src`.
   4. The step (`train/grpo_step.py`): rollout, rewards, group advantages, M minibatch updates,
-     all in one jitted function on device; checkpoints, resume, SIGTERM as every trainer.
-  5. Hook every `config.samples.every` iterations (digits only): ODE samples of the digit prompts,
+     all in one jitted function on device, or with `grpo.split` as two (rollout + rewards, then
+     the update; `loop.SplitStep`) for a program too big to compile as one; checkpoints, resume,
+     SIGTERM as every trainer.
+  5. Hook every `config.samples.every` iterations (token-conditioned families): ODE samples of the digit prompts,
      the judge's accuracy and the configured reward of those samples.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rewarddance_jax.data import digits, label_table, pipeline, prompts as prompts_lib
+from rewarddance_jax import families
+from rewarddance_jax.data import digits, label_table, prompts as prompts_lib
 from rewarddance_jax.nn import lora as lora_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import registry
-from rewarddance_jax.train import common, generate, grpo_step, optim
+from rewarddance_jax.train import common, generate, grpo_step, loop as loop_lib, optim
 
-IMAGE_SHAPE = (16, 16, 1)
-
-
-def decode_unit(x0: jax.Array, params=None) -> jax.Array:
-  """The digits' identity "VAE": model space [−1, 1] → pixels [0, 1] (differentiable inside).
-  `params` is the decoder-params slot of the decode protocol (`vae_decoder`); it has none."""
-  del params
-  return jnp.clip((x0 + 1.0) * 0.5, 0.0, 1.0)
-
-
-def image_shape(config) -> tuple[int, ...]:
-  """The latent shape (H, W, C) of one sample: `config.data.latent_shape`, else the digits'."""
-  shape = config.data.get('latent_shape')
-  return tuple(int(d) for d in shape) if shape else IMAGE_SHAPE
-
-
-def vae_decoder(config, mesh, rules):
-  """(decode(x̂0, params) → pixels in [0, 1], VAE params) from `config.vae`, or (None, None)."""
-  vcfg = dict(config.get('vae', {}))
-  if not vcfg.get('src'):
-    return None, None
-  unknown = set(vcfg) - {'src', 'cache_dir'}
-  if unknown:
-    raise ValueError(f'config.vae has unknown key(s) {sorted(unknown)}.')
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from rewarddance_jax.weights import vae as vae_weights  # pylint: disable=import-outside-toplevel
-  graphdef, params, _ = vae_weights.load(vcfg['src'], mesh, rules,
-                                         cache_dir=vcfg.get('cache_dir') or None)
-
-  def decode(x0, vae_params):
-    vae = nnx.merge(graphdef, vae_params)
-    return jnp.clip((vae.decode_latents(x0) + 1.0) * 0.5, 0.0, 1.0)
-
-  return decode, params
-
-
-def prompt_records(config):
-  path = config.data.get('prompts', '')
-  return prompts_lib.load_prompt_file(path) if path else prompts_lib.digits_prompt_records()
-
-
-def prompt_labels(prompts) -> np.ndarray:
-  """(b,) int32: the digit each prompt asks for, −1 where it names none."""
-  labels = []
-  for text in prompts:
-    try:
-      labels.append(digits.label_from_prompt(text))
-    except ValueError:
-      labels.append(-1)
-  return np.asarray(labels, np.int32)
-
-
-def digits_host_batch(batch: dict) -> dict:
-  """Arrays of a tokenized prompt batch, with the digit of each prompt as 'labels'."""
-  return {'tokens': batch['tokens'], 'mask': batch['mask'],
-          'labels': prompt_labels(batch['prompts'])}
-
-
-def prompt_data(config, tok, batch_size: int, repeat_each: int, mesh, rules):
-  """(prompt records, data iterator, to_device) of a prompt-only trainer (GRPO, R0): the
-  pre-encoded prompts of `config.data.encoded_prompts` (batches of txt/pooled/mask/ids), else
-  the prompt file or the digit prompts tokenized with `tok`; each prompt `repeat_each` times."""
-  encoded_dir = config.data.get('encoded_prompts', '')
-  if encoded_dir:
-    from rewarddance_jax.weights import text_pipeline  # pylint: disable=import-outside-toplevel
-    encoded = text_pipeline.EncodedPrompts(encoded_dir)
-    records = encoded.prompts
-    data_iter = pipeline.encoded_prompt_iter(encoded, batch_size, seed=int(config.seed),
-                                             repeat_each=repeat_each)
-    host_fn = encoded_host_batch
-  else:
-    records = prompt_records(config)
-    data_iter = pipeline.prompt_iter(records, batch_size, seed=int(config.seed), tokenizer=tok,
-                                     max_len=int(config.data.max_text_len),
-                                     repeat_each=repeat_each)
-    host_fn = digits_host_batch
-
-  def to_device(batch):
-    return sharding_lib.host_to_global(host_fn(batch), mesh, rules)
-
-  return records, data_iter, to_device
+def lora_base(params, pshard, lcfg, *, abstract: bool = False):
+  """The frozen base of a LoRA run in `grpo.lora.base_dtype` (a const: never donated)."""
+  dtype = jnp.dtype(lcfg.base_dtype)
+  if all(a.dtype == dtype for a in jax.tree.leaves(params)):
+    return params
+  return sharding_lib.materialize(lambda p: jax.tree.map(lambda a: a.astype(dtype), p), params,
+                                 out_shardings=pshard, abstract=abstract)
 
 
 def fm_table(config, records) -> np.ndarray:
   """(10, T, 16, 16, 1): the real training digits of each label, for `grpo.fm_weight` (the
   flow-matching term on real images). Every prompt must name a digit."""
   texts = [getattr(rec, 'prompt', rec) for rec in records]
-  for text, label in zip(texts, prompt_labels(texts)):
+  for text, label in zip(texts, prompts_lib.prompt_labels(texts)):
     if label < 0:
       raise ValueError(f'grpo.fm_weight > 0 trains on real digits and needs digit prompts; '
                        f'{text!r} names no digit.')
@@ -133,31 +61,90 @@ def fm_table(config, records) -> np.ndarray:
   return label_table.build_table(split['images'], split['labels'], 10)
 
 
-def encoded_host_batch(batch: dict) -> dict:
-  """Arrays of a pre-encoded prompt batch: the generator's external text conditioning, 'ids'
-  (each row's index in the prompt set, for reward prompt tables) and the digit of each prompt as
-  'labels' (−1 where it names none)."""
-  return {'txt': batch['txt'], 'pooled': batch['pooled'], 'mask': batch['mask'],
-          'ids': np.asarray(batch['ids'], np.int32), 'labels': prompt_labels(batch['prompts'])}
+@dataclasses.dataclass
+class Policy:
+  """What a GRPO run trains (`build_policy`): the family, settings, the generator's graphdef,
+  the state {'params' (the generator or its LoRA), 'opt_state', ['ema'], 'rl'} with its
+  shardings, and the frozen trees 'base' (under a LoRA) and 'ref' (kl_beta > 0) or None."""
+  fam: Any
+  gcfg: grpo_step.GRPOConfig
+  tx: Any
+  graphdef: Any
+  model_cfg: Any
+  state: dict
+  shardings: dict
+  frozen: dict
+  pshard: Any
+  batch_size: int
+  num_params: int          # the generator's
 
 
-def build_state(config, params, pshard, tx, mesh, batch_size: int, gcfg) -> tuple[dict, dict]:
+def check_batch(config, gcfg) -> int:
+  batch_size = int(config.data.batch_size)
+  trained = batch_size // gcfg.group_size * gcfg.best_of if gcfg.best_of else batch_size
+  if batch_size % gcfg.group_size or trained % gcfg.minibatches:
+    raise ValueError(f'config.data.batch_size={batch_size} must be divisible by '
+                     f'grpo.group_size={gcfg.group_size}, and its {trained} trained rows '
+                     f'(grpo.best_of={gcfg.best_of}) by grpo.minibatches={gcfg.minibatches}.')
+  return batch_size
+
+
+def build_state(config, params, pshard, tx, mesh, batch_size: int, gcfg, *,
+                abstract: bool = False) -> tuple[dict, dict]:
   """(state, shardings): params, optimizer, optional EMA, and 'rl' (iteration, reward window)."""
   del config
-  state, shardings = common.policy_state(params, pshard, tx, mesh, gcfg.ema_decay)
+  state, shardings = common.policy_state(params, pshard, tx, mesh, gcfg.ema_decay,
+                                         abstract=abstract)
   replicated = NamedSharding(mesh, P())
   rl = grpo_step.init_rl_state(gcfg, batch_size)
-  state['rl'] = jax.device_put(rl, replicated)
   shardings['rl'] = jax.tree.map(lambda _: replicated, rl)
+  state['rl'] = sharding_lib.materialize(lambda: rl, out_shardings=shardings['rl'],
+                                         abstract=abstract)
   return state, shardings
 
 
-def init_lora(lcfg, params, pshard, key: jax.Array) -> tuple[dict, dict]:
+def build_policy(config, mesh, rules, *, abstract: bool = False) -> Policy:
+  """The GRPO state of `config` (the trainer's, and with `abstract` the layout scanner's: the
+  same code with `jax.ShapeDtypeStruct`s, nothing loaded or run)."""
+  fam = families.from_config(config)
+  gcfg = grpo_step.GRPOConfig.from_config(config.grpo)
+  batch_size = check_batch(config, gcfg)
+  if abstract:
+    graphdef, params, pshard, model_cfg = fam.init(mesh, rules, int(config.seed), abstract=True)
+  else:
+    graphdef, params, pshard = common.init_policy(config, mesh, rules)
+    model_cfg = None
+  tx = optim.make_optimizer(config.optax)
+  base = ref = None
+  trainable, tshard = params, pshard
+  if gcfg.lora.rank:   # the base is a const (never donated), so it is also the KL reference
+    base = lora_base(params, pshard, gcfg.lora, abstract=abstract)
+    trainable, tshard = init_lora(gcfg.lora, params, pshard,
+                                  jax.random.key(int(config.seed) + 3), abstract=abstract)
+  if gcfg.kl_beta > 0:
+    ref = base if base is not None else sharding_lib.materialize(
+        lambda p: jax.tree.map(jnp.copy, p), params, out_shardings=pshard, abstract=abstract)
+  state, shardings = build_state(config, trainable, tshard, tx, mesh, batch_size, gcfg,
+                                 abstract=abstract)
+  return Policy(fam=fam, gcfg=gcfg, tx=tx, graphdef=graphdef, model_cfg=model_cfg, state=state,
+                shardings=shardings, frozen={'base': base, 'ref': ref}, pshard=pshard,
+                batch_size=batch_size,
+                num_params=sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params)))
+
+
+def make_functions(pol: Policy, rewards, codec) -> grpo_step.GRPOFunctions:
+  """The iteration's jittable parts for `pol` (rollout, score, update, fused step)."""
+  return grpo_step.make_grpo_functions(
+      pol.graphdef, pol.tx, pol.gcfg, pol.fam.latent_shape, reward_names=rewards.names,
+      reward_weights=rewards.weights, decode=codec.decode, velocity=pol.fam.velocity(pol.graphdef))
+
+
+def init_lora(lcfg, params, pshard, key: jax.Array, *, abstract: bool = False):
   """(LoRA tree, its NamedShardings) for `params`, created sharded like the adapted kernels."""
   make = lambda p: lora_lib.init_lora(p, rank=lcfg.rank, alpha=lcfg.alpha,  # pylint: disable=unnecessary-lambda-assignment
                                       targets=lcfg.targets, key=key)
   shard = lora_lib.lora_shardings(jax.eval_shape(make, params), pshard)
-  return jax.jit(make, out_shardings=shard)(params), shard
+  return sharding_lib.materialize(make, params, out_shardings=shard, abstract=abstract), shard
 
 
 def lora_hooks(hooks, base, pshard, scale: float):
@@ -172,47 +159,25 @@ def lora_hooks(hooks, base, pshard, scale: float):
 
 def train(config, workdir: str) -> dict:
   mesh, rules = common.setup_mesh(config)
-  gcfg = grpo_step.GRPOConfig.from_config(config.grpo)
-  batch_size = int(config.data.batch_size)
-  trained = batch_size // gcfg.group_size * gcfg.best_of if gcfg.best_of else batch_size
-  if batch_size % gcfg.group_size or trained % gcfg.minibatches:
-    raise ValueError(f'config.data.batch_size={batch_size} must be divisible by '
-                     f'grpo.group_size={gcfg.group_size}, and its {trained} trained rows '
-                     f'(grpo.best_of={gcfg.best_of}) by grpo.minibatches={gcfg.minibatches}.')
-  encoded_dir = config.data.get('encoded_prompts', '')
-  tok = None if encoded_dir else common.digits_tokenizer(workdir, config.model.get('vocab_size'))
-  graphdef, params, pshard = common.init_policy(config, mesh, rules)
-  shape = image_shape(config)
-
-  tx = optim.make_optimizer(config.optax)
-  base = ref = None
-  trainable, tshard = params, pshard
-  if gcfg.lora.rank:   # the base is a const (never donated), so it is also the KL reference
-    base = params
-    trainable, tshard = init_lora(gcfg.lora, params, pshard, jax.random.key(int(config.seed) + 3))
-  if gcfg.kl_beta > 0:
-    ref = base if base is not None else jax.jit(lambda p: jax.tree.map(jnp.copy, p),
-                                                out_shardings=pshard)(params)
-  state, shardings = build_state(config, trainable, tshard, tx, mesh, batch_size, gcfg)
+  pol = build_policy(config, mesh, rules)
+  fam, gcfg = pol.fam, pol.gcfg
+  tok = fam.tokenizer(workdir)
   rewards = registry.build_rewards(config.rewards, mesh, rules)
-  consts = {'rewards': rewards, 'ref': ref, 'base': base}
-  decode, consts['decoder'] = vae_decoder(config, mesh, rules)
-
-  records, data_iter, to_device = prompt_data(config, tok, batch_size, gcfg.group_size, mesh,
-                                              rules)
+  codec = fam.codec(mesh, rules)
+  consts = {'rewards': rewards, **pol.frozen, 'decoder': codec.params}
+  records, data_iter, to_device = fam.prompt_data(pol.batch_size, gcfg.group_size, mesh, rules,
+                                                  tok=tok)
   if gcfg.fm_weight > 0:
     consts['fm_images'] = jax.device_put(fm_table(config, records), NamedSharding(mesh, P()))
-
-  step_fn = grpo_step.make_grpo_step(
-      graphdef, tx, gcfg, shape, reward_names=rewards.names,
-      reward_weights=rewards.weights, decode=decode or decode_unit)
+  fns = make_functions(pol, rewards, codec)
+  step_fn = loop_lib.SplitStep(fns.first, fns.second) if gcfg.split else fns.step
 
   hooks = []
-  if not encoded_dir:   # the judge hooks sample the digit prompts
-    hooks = generate.judge_hooks(config, graphdef, tok, workdir, shape, rewards)
+  if tok is not None:   # the judge hooks sample the digit prompts
+    hooks = generate.judge_hooks(config, pol.graphdef, tok, workdir, fam.latent_shape, rewards)
     if gcfg.lora.rank:
-      hooks = lora_hooks(hooks, base, pshard, gcfg.lora.scale)
+      hooks = lora_hooks(hooks, pol.frozen['base'], pol.pshard, gcfg.lora.scale)
   state, last = common.run_loop(
-      config, workdir, desc='grpo', state=state, shardings=shardings, step_fn=step_fn,
+      config, workdir, desc='grpo', state=pol.state, shardings=pol.shardings, step_fn=step_fn,
       data_iter=data_iter, to_device=to_device, mesh=mesh, rules=rules, hooks=hooks, consts=consts)
   return {'step': last}

@@ -66,9 +66,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
+from rewarddance_jax import config_lib
 from rewarddance_jax.data import label_table
+from rewarddance_jax.families.base import COND_KEYS, Guidance, cond_from_batch, guided_velocity
 from rewarddance_jax.flow import matching, rollout as rollout_lib
 from rewarddance_jax.flow import schedules, steps
 from rewarddance_jax.nn import lora as lora_lib
@@ -77,21 +78,24 @@ from rewarddance_jax.rl import advantages as adv_lib
 from rewarddance_jax.rl import aggregate, ema as ema_lib, extremes, grpo_loss, kl as kl_lib
 from rewarddance_jax.rl import timesteps
 
-COND_KEYS = ('tokens', 'mask', 'txt', 'pooled')
 AGGREGATIONS = ('advantage', 'reward')
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
   """`config.grpo.lora`: rank 0 trains every weight; rank r > 0 trains a LoRA of the kernels
-  whose path matches `targets` (a regex, `nn/lora.py`), scale alpha / rank."""
+  whose path matches `targets` (a regex, `nn/lora.py`), scale alpha / rank, over the frozen
+  base stored in `base_dtype` (bf16 halves its memory; the blocks may compute in bf16 anyway)."""
   rank: int = 0
   alpha: float = 16.0
   targets: str = lora_lib.ATTENTION_TARGETS
+  base_dtype: str = 'float32'
+
+  RANGES = {'rank': '[0, inf)', 'alpha': '(0, inf)'}
 
   def __post_init__(self):
-    if self.rank < 0:
-      raise ValueError(f'grpo.lora.rank must be >= 0 (0 = full fine-tuning), got {self.rank}.')
+    if self.base_dtype not in ('float32', 'bfloat16'):
+      raise ValueError(f'grpo.lora.base_dtype={self.base_dtype!r} is not float32 or bfloat16.')
 
   @property
   def scale(self) -> float:
@@ -117,12 +121,18 @@ class GRPOConfig:
   kl_beta: float = 0.0
   rollout_kl: float = 0.0
   same_noise: bool = True
-  guidance: float = 0.0
   ema_decay: float = 0.0
   variance_window: int = 1000
   fm_weight: float = 0.0
   best_of: int = 0
+  split: bool = False
   lora: LoRAConfig = LoRAConfig()
+
+  RANGES = {'group_size': '[2, inf)', 'noise_level': '[0, inf)', 'num_steps': '[2, inf)',
+            'shift': '(0, inf)', 'adv_clip': '(0, inf)', 'clip_range': '(0, inf)',
+            'minibatches': '[1, inf)', 'kl_beta': '[0, inf)', 'rollout_kl': '[0, inf)',
+            'ema_decay': '[0, 1]', 'variance_window': '[1, inf)',
+            'fm_weight': '[0, inf)', 'best_of': '[0, inf)'}
 
   def __post_init__(self):
     steps.check_step_kind(self.step_kind)
@@ -136,44 +146,20 @@ class GRPOConfig:
     if self.kl_beta > 0 and self.step_kind not in kl_lib.VELOCITY_KL_KINDS:
       raise ValueError(f'grpo.kl_beta > 0 needs step_kind in {kl_lib.VELOCITY_KL_KINDS}, got '
                        f'{self.step_kind!r}.')
-    if self.group_size < 2:
-      raise ValueError(f'grpo.group_size must be >= 2 (advantages are group-relative), got '
-                       f'{self.group_size}.')
     if self.selection.num_steps != self.num_steps:
       raise ValueError('grpo.selection.num_steps must equal grpo.num_steps.')
-    if self.fm_weight < 0:
-      raise ValueError(f'grpo.fm_weight must be >= 0, got {self.fm_weight}.')
     extremes.check_keep(self.group_size, self.best_of)
 
   @classmethod
   def from_config(cls, cfg) -> 'GRPOConfig':
     cfg = dict(cfg)
-    sel = dict(cfg.pop('selection', {}))
-    lora = dict(cfg.pop('lora', {}))
-    lora_known = {f.name for f in dataclasses.fields(LoRAConfig)}
-    if set(lora) - lora_known:
-      raise ValueError(f'config.grpo.lora has unknown key(s) {sorted(set(lora) - lora_known)}.')
-    if 'window_range' in sel:
-      sel['window_range'] = tuple(sel['window_range'])
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(cfg) - known
-    if unknown:
-      raise ValueError(f'config.grpo has unknown key(s) {sorted(unknown)}.')
-    sel_known = {f.name for f in dataclasses.fields(timesteps.TimestepSelection)}
-    if set(sel) - sel_known:
-      raise ValueError(f'config.grpo.selection has unknown key(s) {sorted(set(sel) - sel_known)}.')
-    num_steps = int(cfg.get('num_steps', cls.num_steps))
-    selection = timesteps.TimestepSelection(num_steps=num_steps, **sel)
-    return cls(selection=selection, lora=LoRAConfig(**lora), **cfg)
+    num_steps = cfg.get('num_steps', cls.num_steps)
+    cfg['selection'] = {'num_steps': num_steps, **dict(cfg.get('selection', {}))}
+    return config_lib.section(cls, cfg, 'config.grpo')
 
   def sigmas(self, image_seq_len: int | None = None) -> np.ndarray:
     return schedules.get_sigmas(self.schedule, self.num_steps, shift=self.shift,
                                 image_seq_len=image_seq_len)
-
-
-def cond_from_batch(batch: dict) -> dict:
-  """The generator's conditioning arrays of a batch (token ids or external embeddings)."""
-  return {k: batch[k] for k in COND_KEYS if k in batch}
 
 
 def _batch_size(batch: dict) -> int:
@@ -227,6 +213,14 @@ def minibatch_perm(key: jax.Array, rows: int) -> jax.Array:
   return jax.random.permutation(key, rows)
 
 
+def policy_params(gcfg: 'GRPOConfig', trainable, consts):
+  """The generator's params: merge(consts['base'], LoRA) when training a LoRA, else the
+  trainable tree itself."""
+  if gcfg.lora.rank:
+    return lora_lib.merge(consts['base'], trainable, gcfg.lora.scale)
+  return trainable
+
+
 def identity_params(trainable, consts):
   """Full fine-tuning: the trainable tree is the generator's param tree."""
   del consts
@@ -242,24 +236,29 @@ class GRPOFunctions:
     score(rewards, rollout, batch, key, decoder=None) -> {reward name: (B,)}   item 2, the
         rewards; `decoder` = the decode's params (consts['decoder'], e.g. the VAE) or None
     update(state, consts, rollout, per, batch, key) -> (state, metrics)  items 2 (advantages)-5
-    step(state, batch, key, consts) -> (state, metrics)                  the whole iteration
+    first(state, batch, key, consts) -> (trajectory, per)     rollout + score (split mode's 1st)
+    second(state, (trajectory, per), batch, key, consts) -> (state, metrics)   update (2nd)
+    step(state, batch, key, consts) -> (state, metrics)   second ∘ first: the fused iteration
   """
   rollout: Callable
   score: Callable
   update: Callable
   step: Callable
+  first: Callable
+  second: Callable
 
 
 def make_grpo_step(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
                    image_shape: tuple[int, ...], *, reward_names: tuple[str, ...],
                    reward_weights: dict[str, float],
                    decode: Callable[[jax.Array], jax.Array], image_seq_len: int | None = None,
-                   model_params: Callable | None = None):
+                   model_params: Callable | None = None, velocity: Callable | None = None):
   """The pure GRPO iteration `(state, batch, key, consts) -> (state, metrics)` (module docstring);
   `make_grpo_functions(...).step`."""
   return make_grpo_functions(graphdef, tx, gcfg, image_shape, reward_names=reward_names,
                              reward_weights=reward_weights, decode=decode,
-                             image_seq_len=image_seq_len, model_params=model_params).step
+                             image_seq_len=image_seq_len, model_params=model_params,
+                             velocity=velocity).step
 
 
 def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOConfig,
@@ -267,7 +266,8 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
                         reward_weights: dict[str, float],
                         decode: Callable[[jax.Array], jax.Array],
                         image_seq_len: int | None = None,
-                        model_params: Callable | None = None) -> GRPOFunctions:
+                        model_params: Callable | None = None,
+                        velocity: Callable | None = None) -> GRPOFunctions:
   """Rollout, score, update and their composition `step` (see `GRPOFunctions`).
 
   Args:
@@ -282,8 +282,9 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
     image_seq_len: for the 'flux_dynamic' schedule.
     model_params: (trainable tree, consts) → generator params. Default: from `gcfg.lora`, the
       identity for full fine-tuning, merge(consts['base'], LoRA) for a LoRA (gradients and
-      optimizer state then cover the LoRA tree only). The layout scanner passes its own (e.g. a
-      bf16 base).
+      optimizer state then cover the LoRA tree only).
+    velocity: (params, x, σ, cond) → v of the guided generator (`GeneratorFamily.velocity`);
+      default: `graphdef` without guidance.
   """
   sigmas_np = gcfg.sigmas(image_seq_len)
   n = gcfg.num_steps
@@ -291,19 +292,10 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
   t_train = sel.num_trained
   kind, eta, g = gcfg.step_kind, gcfg.noise_level, gcfg.group_size
 
-  def policy(params, base):
-    """The generator's params: merge(base, LoRA) when training a LoRA, else `params`."""
-    return lora_lib.merge(base, params, gcfg.lora.scale) if gcfg.lora.rank else params
-
   if model_params is None:
-    model_params = lambda trainable, consts: policy(trainable, consts.get('base'))  # pylint: disable=unnecessary-lambda-assignment
+    model_params = lambda trainable, consts: policy_params(gcfg, trainable, consts)  # pylint: disable=unnecessary-lambda-assignment
 
-  def velocity(params, x, sigma, cond):
-    model = nnx.merge(graphdef, params)
-    guidance = None
-    if gcfg.guidance > 0:
-      guidance = jnp.full((x.shape[0],), gcfg.guidance, jnp.float32)
-    return model(x, sigma, cond, guidance)
+  velocity = velocity or guided_velocity(graphdef, Guidance())
 
   def rollout(params, batch, keys, iteration):
     b = _batch_size(batch)
@@ -505,13 +497,22 @@ def make_grpo_functions(graphdef, tx: optax.GradientTransformation, gcfg: GRPOCo
         metrics[f'reward/{name}_std'] = jnp.std(per[name])
     return new, metrics
 
-  def step(state, batch, key, consts):
+  def first(state, batch, key, consts):
+    """Rollout + rewards: (trajectory without x̂0, per-reward scores)."""
     if gcfg.lora.rank and consts.get('base') is None:
       raise ValueError('grpo.lora.rank > 0 needs consts["base"] (the frozen generator params).')
     keys = split_keys(key)
     params = model_params(jax.lax.stop_gradient(state['params']), consts)
     ro = rollout(params, batch, keys, state['rl']['iteration'])
     per = score(consts['rewards'], ro, batch, keys['reward'], consts.get('decoder'))
-    return update(state, consts, ro, per, batch, keys['shuffle'])
+    return {k: v for k, v in ro.items() if k != 'x0_hat'}, per
 
-  return GRPOFunctions(rollout=rollout, score=score, update=update, step=step)
+  def second(state, carry, batch, key, consts):
+    ro, per = carry
+    return update(state, consts, ro, per, batch, split_keys(key)['shuffle'])
+
+  def step(state, batch, key, consts):
+    return second(state, first(state, batch, key, consts), batch, key, consts)
+
+  return GRPOFunctions(rollout=rollout, score=score, update=update, step=step, first=first,
+                       second=second)

@@ -31,15 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from flax import nnx
 
 from rewarddance_jax import checkpoint as ckpt_lib
-from rewarddance_jax.config_lib import check_keys
+from rewarddance_jax import families
 from rewarddance_jax.data import pairs as pairs_lib
 from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.flow import matching
 from rewarddance_jax.models.backbone import Backbone, cond_from_batch
-from rewarddance_jax.models.generator import Generator
 from rewarddance_jax.nn import lora as lora_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import latent as latent_lib
@@ -47,10 +45,6 @@ from rewarddance_jax.rewards import process as process_lib
 from rewarddance_jax.rewards import thurstone as thurstone_lib
 from rewarddance_jax.train import common, loop as loop_lib, optim
 
-KINDS = ('thurstone', 'process')
-REWARD_KEYS = ('kind', 'base_workdir', 'base_item', 'num_blocks', 'layers', 'lora_rank',
-               'lora_alpha', 'lora_targets', 'loss', 'head', 'sigma_sampler', 'shift',
-               'ensemble_sigmas', 'ensemble_weight')
 BIN_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 _BATCH_KEYS = ('chosen', 'rejected', 'tokens', 'mask', 'kind')
 
@@ -72,16 +66,27 @@ def _normalise(d):
   return json.loads(json.dumps(dict(d), default=list))
 
 
-def load_base(config, backbone: Backbone, mesh, rules):
-  """(base params cut to the backbone, their shardings): restored, or fresh when base_workdir=''."""
-  gen_cfg = backbone.gen_cfg
-  factory = lambda: Generator(gen_cfg, rngs=nnx.Rngs(int(config.seed)))
+def load_base(config, backbone, mesh, rules, *, abstract: bool = False):
+  """(base params cut to the backbone, their shardings): restored from
+  `config.reward.base_workdir`, else the public weights of `config.init.weights.src` (the
+  family's loader), else fresh. `abstract`: shapes only (the layout scanner)."""
+  factory = latent_lib.generator_factory(config, backbone, int(config.seed))
   _, (target,), (full_shard,) = sharding_lib.sharded_abstract(factory, mesh, rules)
   shardings = backbone.take(full_shard)
+  take = lambda p: sharding_lib.materialize(backbone.take, p, out_shardings=shardings,  # pylint: disable=unnecessary-lambda-assignment
+                                            abstract=abstract)
   base_dir = str(config.reward.get('base_workdir', ''))
+  fam = families.from_config(config)
+  if abstract:
+    return take(target), shardings
+  if fam.has_weights:
+    if base_dir:
+      raise ValueError('config: set reward.base_workdir or init.weights.src, not both.')
+    _, full, _, _ = fam.load(mesh, rules)
+    return take(full), shardings
   if not base_dir:
     _, (params,), _ = sharding_lib.sharded_init(factory, mesh, rules)
-    return jax.jit(backbone.take, out_shardings=shardings)(params), shardings
+    return take(params), shardings
   saved, step = _base_model_config(base_dir)
   want = _normalise(config.model)
   if _normalise(saved) != want:
@@ -92,7 +97,7 @@ def load_base(config, backbone: Backbone, mesh, rules):
     full = c.restore(step, arrays={item: target})[item]
   logging.info('Base generator: %s step %d (%s), first %d blocks.', base_dir, step, item,
                backbone.num_blocks)
-  return jax.jit(backbone.take, out_shardings=shardings)(full), shardings
+  return take(full), shardings
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,7 +245,7 @@ def _tokenizer(config, workdir):
     os.makedirs(workdir, exist_ok=True)
     tokenizer_lib.save_tokenizer(tok, os.path.join(workdir, 'tokenizer.json'))
     return tok
-  return common.digits_tokenizer(workdir, config.model.get('vocab_size'))
+  return tokenizer_lib.load_or_build(workdir, config.model.get('vocab_size'))
 
 
 def make_pairs(config, tok, split: str, batch_size: int, seed: int):
@@ -257,25 +262,27 @@ def make_pairs(config, tok, split: str, batch_size: int, seed: int):
                               process_count=jax.process_count())
 
 
-def build_state(config, mesh, rules):
-  """(backbone, head graphdef, state, shardings, tx) with every array created sharded."""
-  check_keys(config.reward, REWARD_KEYS, 'config.reward')
-  if config.reward.kind not in KINDS:
-    raise ValueError(f'config.reward.kind={config.reward.kind!r} is not one of {KINDS}.')
+def build_state(config, mesh, rules, *, abstract: bool = False):
+  """(backbone, head graphdef, state, shardings, tx) with every array created sharded; with
+  `abstract`, the same tree of `jax.ShapeDtypeStruct`s (the layout scanner's)."""
   backbone = latent_lib.make_backbone(config)
-  base, base_shard = load_base(config, backbone, mesh, rules)
+  base, base_shard = load_base(config, backbone, mesh, rules, abstract=abstract)
   hcfg = latent_lib.head_config(config, backbone)
-  head_gd, (head,), (head_shard,) = sharding_lib.sharded_init(
-      latent_lib.head_factory(config, hcfg, int(config.seed) + 1), mesh, rules)
+  head_factory = latent_lib.head_factory(config, hcfg, int(config.seed) + 1)
+  if abstract:
+    head_gd, (head,), (head_shard,) = sharding_lib.sharded_abstract(head_factory, mesh, rules)
+  else:
+    head_gd, (head,), (head_shard,) = sharding_lib.sharded_init(head_factory, mesh, rules)
   lora_shard = backbone.lora_shardings(jax.eval_shape(lambda b: backbone.init_lora(
       b, jax.random.key(0)), base), base_shard)
-  lora = jax.jit(lambda b: backbone.init_lora(b, jax.random.key(int(config.seed) + 2)),
-                 out_shardings=lora_shard)(base)
+  lora = sharding_lib.materialize(
+      lambda b: backbone.init_lora(b, jax.random.key(int(config.seed) + 2)), base,
+      out_shardings=lora_shard, abstract=abstract)
   params, pshard = {'lora': lora, 'head': head}, {'lora': lora_shard, 'head': head_shard}
   tx = optim.make_optimizer(config.optax)
   opt_shard = optim.opt_state_shardings(tx, params, pshard, mesh)
-  state = {'params': params, 'opt_state': jax.jit(tx.init, out_shardings=opt_shard)(params),
-           'base': base}
+  state = {'params': params, 'opt_state': sharding_lib.materialize(
+      tx.init, params, out_shardings=opt_shard, abstract=abstract), 'base': base}
   shardings = {'params': pshard, 'opt_state': opt_shard, 'base': base_shard}
   return backbone, head_gd, state, shardings, tx
 

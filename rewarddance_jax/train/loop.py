@@ -45,6 +45,7 @@ import optax
 from absl import logging
 
 from rewarddance_jax import checkpoint as ckpt_lib
+from rewarddance_jax import config_lib
 from rewarddance_jax import metrics as metrics_lib
 
 StepFn = Callable[[dict, Any, jax.Array], tuple[dict, dict]]
@@ -71,6 +72,27 @@ def _jit_step(step_key, make: Callable[[], Callable]) -> Callable:
   while len(_STEP_CACHE) > STEP_CACHE_SIZE:
     _STEP_CACHE.popitem(last=False)
   return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitStep:
+  """A step run as two jitted programs, for one too big to compile as a whole (or with host work
+  between them): `first(state, batch, key, consts) -> carry` (no donation), then
+  `second(state, carry, batch, key, consts) -> (state, metrics)` (state donated, guarded as a
+  fused step is). `fused` is their composition in one program."""
+  first: Callable
+  second: Callable
+
+  def fused(self, state, batch, key, consts=None):
+    return self.second(state, self.first(state, batch, key, consts), batch, key, consts)
+
+
+def _jit_split(split: SplitStep, state_shardings) -> Callable:
+  first = jax.jit(split.first)
+  second = jax.jit(guard_step(lambda st, b, k, carry, consts: split.second(st, carry, b, k, consts)),
+                   in_shardings=(state_shardings, None, None, None, None),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+  return lambda s, b, k, consts=None: second(s, b, k, first(s, b, k, consts), consts)
 
 
 class NonFiniteError(RuntimeError):
@@ -105,9 +127,7 @@ class LoopConfig:
 
   def __post_init__(self):
     for name, key in self.CONFIG_KEYS.items():
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f'config.{key}={value!r} must be an integer >= 1.')
+      config_lib.check_number(getattr(self, name), int, '[1, inf)', f'config.{key}')
 
   @classmethod
   def from_config(cls, config, **overrides) -> 'LoopConfig':
@@ -268,9 +288,12 @@ def run(*, workdir: str, loop: LoopConfig, state: dict, state_shardings: dict, s
     leaves, treedef = jax.tree.flatten(state_shardings)
     step_key = (step_key, treedef, tuple(leaves), consts is None)
   extra = () if consts is None else (None,)
-  jitted = _jit_step(step_key, lambda: jax.jit(
-      guard_step(step_fn), in_shardings=(state_shardings, None, None) + extra,
-      out_shardings=(state_shardings, None), donate_argnums=(0,)))
+  if isinstance(step_fn, SplitStep):
+    jitted = _jit_step(step_key, lambda: _jit_split(step_fn, state_shardings))
+  else:
+    jitted = _jit_step(step_key, lambda: jax.jit(
+        guard_step(step_fn), in_shardings=(state_shardings, None, None) + extra,
+        out_shardings=(state_shardings, None), donate_argnums=(0,)))
   if consts is not None:
     with_consts = jitted
     jitted = lambda s, b, k: with_consts(s, b, k, consts)  # pylint: disable=unnecessary-lambda-assignment

@@ -1,12 +1,11 @@
 """R0: regularised reward maximisation, few-step generator (`trainer: r0`; docs/algorithms.md §8).
 
-  1. Mesh, rules, the generator restored from `config.init.generator` (the pretrained base) or
-     public FLUX weights (`config.init.weights`, `common.init_policy`); a frozen copy θ0 of it is
-     the L2 anchor (a const, not checkpointed).
-  2. Data: prompts only (R0 trains without images): the digit prompts (or `config.data.prompts`),
-     with 'labels' for the digit rewards, or pre-encoded prompts (`config.data.encoded_prompts`,
-     with `config.data.latent_shape` and the VAE of `config.vae` decoding x̂0 for pixel rewards;
-     the same data path as GRPO, `grpo.prompt_data` / `grpo.vae_decoder`).
+  1. Mesh, rules, the generator of the run's family (`config.family`) restored from
+     `config.init.generator` (the pretrained base) or public weights (`config.init.weights`,
+     `common.init_policy`); a frozen copy θ0 of it is the L2 anchor (a const, not checkpointed).
+  2. Data: prompts only (R0 trains without images), as the family conditions them
+     (`GeneratorFamily.prompt_data`: tokens or pre-encoded, the negative prompt under CFG), the
+     family's guided velocity, and its codec decoding x̂0 for pixel rewards (`config.vae`).
   3. The step (pure, jitted once by the loop, state donated):
      a. g_θ is K DDIM-η steps on `r0.sigmas` (K = 4): from z ~ N(0, I),
         x_{k+1} = (1 − σ_{k+1})·x̂0_k + σ_{k+1}·(sqrt(1 − η²)·ε̂_k + η·ξ_k) (`flow/ddim.py`), with a
@@ -19,7 +18,7 @@
         digits x̂0 space is pixel space up to the affine decode), the surrogate −⟨d, x̂0⟩ plus
         λ·‖θ − θ0‖² (`rl.r0`); with `reward_cap` τ > 0 the maximised reward is min(R, τ);
      d. AdamW, optional EMA; a non-finite loss or gradient leaves the state unchanged.
-  4. Hook every `config.samples.every` steps (digits only): ODE samples (set `config.sampler` to
+  4. Hook every `config.samples.every` steps (token-conditioned families): ODE samples (set `config.sampler` to
      the K-step grid: DDIM with η = 0 is the Euler step), the judge's accuracy and the reward.
 """
 
@@ -32,15 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rewarddance_jax import config_lib, families
+from rewarddance_jax.families.base import Guidance, cond_from_batch, guided_velocity
 from rewarddance_jax.flow import ddim, schedules, steps
 from rewarddance_jax.rewards import registry
 from rewarddance_jax.rl import ema as ema_lib
 from rewarddance_jax.rl import r0 as r0_lib
-from rewarddance_jax.train import common, generate, grpo, grpo_step, loop as loop_lib, optim
+from rewarddance_jax.train import common, generate, loop as loop_lib, optim
 from rewarddance_jax.train import refl as refl_trainer
-
-IMAGE_SHAPE = grpo.IMAGE_SHAPE
-
 
 @dataclasses.dataclass(frozen=True)
 class R0Config:
@@ -54,24 +52,15 @@ class R0Config:
   reward_cap: float = 0.0
   plus: bool = False
   remat: bool = True
-  guidance: float = 0.0
   ema_decay: float = 0.0
 
-  def __post_init__(self):
-    if self.num_steps < 1:
-      raise ValueError(f'r0.num_steps must be >= 1, got {self.num_steps}.')
-    if not 0.0 <= self.eta_max <= 1.0:
-      raise ValueError(f'r0.eta_max must be in [0, 1], got {self.eta_max}.')
-    if self.l2_weight < 0:
-      raise ValueError(f'r0.l2_weight must be >= 0, got {self.l2_weight}.')
+  RANGES = {'num_steps': '[1, inf)', 'shift': '(0, inf)', 'eta_max': '[0, 1]',
+            'l2_weight': '[0, inf)', 'norm_eps': '[0, inf)', 'reward_cap': '[0, inf)',
+            'ema_decay': '[0, 1]'}
 
   @classmethod
   def from_config(cls, cfg) -> 'R0Config':
-    cfg = dict(cfg)
-    unknown = set(cfg) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f'config.r0 has unknown key(s) {sorted(unknown)}.')
-    return cls(**cfg)
+    return config_lib.section(cls, cfg, 'config.r0')
 
   def sigmas(self, image_seq_len: int | None = None) -> np.ndarray:
     return schedules.get_sigmas(self.schedule, self.num_steps, shift=self.shift,
@@ -79,15 +68,17 @@ class R0Config:
 
 
 def make_r0_step(graphdef, tx: optax.GradientTransformation, rcfg: R0Config,
-                 image_shape: tuple[int, ...], *, decode, image_seq_len: int | None = None):
-  """The pure R0 step `(state, batch, key, consts) -> (state, metrics)` (module docstring).
+                 image_shape: tuple[int, ...], *, decode, image_seq_len: int | None = None,
+                 velocity=None):
+  """The pure R0 step `(state, batch, key, consts) -> (state, metrics)` (module docstring);
+  `velocity(params, x, σ, cond)`: the guided generator (default `graphdef` unguided).
 
   consts = {'rewards': WeightedRewards (differentiable), 'init': θ0, and optionally 'decoder':
   the params of `decode(x̂0, params)` (the VAE's; absent: None, the digits' identity decode)}.
   """
   sigmas_np = rcfg.sigmas(image_seq_len)
   k_steps = rcfg.num_steps
-  velocity = refl_trainer.make_velocity(graphdef, rcfg.guidance)
+  velocity = velocity or guided_velocity(graphdef, Guidance())
 
   def gen_step(params, x, k, eta, xi, cond):
     """DDIM-η step k: (x_{k+1}, x̂0_k)."""
@@ -129,7 +120,7 @@ def make_r0_step(graphdef, tx: optax.GradientTransformation, rcfg: R0Config,
 
   def step(state, batch, key, consts):
     keys = dict(zip(('noise', 'eta', 'xi', 'k', 'reward'), jax.random.split(key, 5)))
-    cond = grpo_step.cond_from_batch(batch)
+    cond = cond_from_batch(batch)
     b = jax.tree.leaves(cond)[0].shape[0]
     shape = (b,) + tuple(image_shape)
     x_init = jax.random.normal(keys['noise'], shape, jnp.float32)
@@ -162,12 +153,11 @@ def make_r0_step(graphdef, tx: optax.GradientTransformation, rcfg: R0Config,
 
 def train(config, workdir: str) -> dict:
   mesh, rules = common.setup_mesh(config)
+  fam = families.from_config(config)
   rcfg = R0Config.from_config(config.r0)
   batch_size = int(config.data.batch_size)
-  encoded = bool(config.data.get('encoded_prompts', ''))
-  tok = None if encoded else common.digits_tokenizer(workdir, config.model.get('vocab_size'))
+  tok = fam.tokenizer(workdir)
   graphdef, params, pshard = common.init_policy(config, mesh, rules)
-  shape = grpo.image_shape(config)
 
   rewards = registry.build_rewards(config.rewards, mesh, rules)
   if not rewards.differentiable:
@@ -176,12 +166,14 @@ def train(config, workdir: str) -> dict:
   tx = optim.make_optimizer(config.optax)
   state, shardings = refl_trainer.build_state(params, pshard, tx, mesh, rcfg.ema_decay)
   theta0 = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=pshard)(params)
-  consts = {'rewards': rewards, 'init': theta0}
-  decode, consts['decoder'] = grpo.vae_decoder(config, mesh, rules)
-  _, data_iter, to_device = grpo.prompt_data(config, tok, batch_size, 1, mesh, rules)
+  codec = fam.codec(mesh, rules)
+  consts = {'rewards': rewards, 'init': theta0, 'decoder': codec.params}
+  _, data_iter, to_device = fam.prompt_data(batch_size, 1, mesh, rules, tok=tok)
 
-  step_fn = make_r0_step(graphdef, tx, rcfg, shape, decode=decode or grpo.decode_unit)
-  hooks = [] if encoded else generate.judge_hooks(config, graphdef, tok, workdir, shape, rewards)
+  step_fn = make_r0_step(graphdef, tx, rcfg, fam.latent_shape, decode=codec.decode,
+                         velocity=fam.velocity(graphdef))
+  hooks = [] if tok is None else generate.judge_hooks(config, graphdef, tok, workdir,
+                                                      fam.latent_shape, rewards)
   state, last = common.run_loop(
       config, workdir, desc='r0', state=state, shardings=shardings, step_fn=step_fn,
       data_iter=data_iter, to_device=to_device, mesh=mesh, rules=rules, hooks=hooks, consts=consts)

@@ -1,6 +1,7 @@
 """ReFL alignment of the generator (`trainer: refl`; RD §3.3.1, docs/algorithms.md §7, §10 #18).
 
-  1. Mesh, rules, the generator built sharded and restored from `config.init.generator`.
+  1. Mesh, rules, the generator of `config.family` (`common.init_policy`: public weights,
+     `config.init.generator`, or fresh).
   2. Pairwise VLM rewards (`kind: vlm_yes, mode: pairwise`) without `ref_images` get a best-of-N
      reference per digit prompt: N ODE samples per prompt from the frozen initial generator,
      every ordered pair (i, j) scored as P(j better than i | ref = i, generated = j), candidates
@@ -9,8 +10,10 @@
      loaded as consts['ref_images'] (10, T, ...): each step draws one of its label's top T per row
      as batch['ref_pixels'] (§10 #18: Top-2, one sampled per step); the reward also gets the file
      as `ref_images` (top-1) for scoring outside the step.
-  3. Data: digits training batches (images, labels, prompt tokens): the prompts drive the
-     rollout, the images the optional flow-matching regulariser.
+  3. Data (`common.image_or_prompt_data`): for token-conditioned families the digits training
+     batches (images, labels, prompt tokens: the prompts drive the rollout, the images the
+     optional flow-matching regulariser); for encoded families (FLUX, SD3.5) the pre-encoded
+     prompt batches, with the family's guided velocity (CFG's negative rows) and codec.
   4. The step (pure, jitted once by the loop, state donated), per batch:
      a. mid ~ U{lo, ..., N−1} over the last `late_fraction` of the N steps (one for the batch);
      b. no-grad Euler ODE rollout with the current params from x_T ~ N(0, I) to x_mid
@@ -33,19 +36,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rewarddance_jax.data import label_table, pipeline
+from rewarddance_jax import config_lib, families
+from rewarddance_jax.data import label_table
+from rewarddance_jax.families.base import Guidance, cond_from_batch, guided_velocity
 from rewarddance_jax.data import samples as samples_lib
 from rewarddance_jax.flow import matching, schedules, steps
-from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import registry
 from rewarddance_jax.rl import ema as ema_lib
 from rewarddance_jax.rl import refl as refl_lib
-from rewarddance_jax.train import common, generate, grpo, grpo_step, loop as loop_lib, optim
+from rewarddance_jax.train import common, generate, loop as loop_lib, optim
 
-IMAGE_SHAPE = grpo.IMAGE_SHAPE
 REFERENCE_FILE = 'refl_reference.npz'
 
 
@@ -60,10 +62,14 @@ class ReFLConfig:
   scale: float = 1e-3
   target: float = 2.0
   fm_weight: float = 0.0
-  guidance: float = 0.0
   ema_decay: float = 0.0
   reference_n: int = 16
   reference_top: int = 2
+
+  RANGES = {'num_steps': '[1, inf)', 'shift': '(0, inf)', 'late_fraction': '(0, 1]',
+            'scale': '[0, inf)', 'target': '(-inf, inf)', 'fm_weight': '[0, inf)',
+            'ema_decay': '[0, 1]', 'reference_n': '[1, inf)',
+            'reference_top': '[1, inf)'}
 
   def __post_init__(self):
     if self.loss not in refl_lib.LOSS_KINDS:
@@ -75,26 +81,11 @@ class ReFLConfig:
 
   @classmethod
   def from_config(cls, cfg) -> 'ReFLConfig':
-    cfg = dict(cfg)
-    unknown = set(cfg) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f'config.refl has unknown key(s) {sorted(unknown)}.')
-    return cls(**cfg)
+    return config_lib.section(cls, cfg, 'config.refl')
 
   def sigmas(self, image_seq_len: int | None = None) -> np.ndarray:
     return schedules.get_sigmas(self.schedule, self.num_steps, shift=self.shift,
                                 image_seq_len=image_seq_len)
-
-
-def make_velocity(graphdef, guidance: float = 0.0):
-  """`velocity(params, x, sigma (B,), cond) -> v`."""
-
-  def velocity(params, x, sigma, cond):
-    model = nnx.merge(graphdef, params)
-    g = None if guidance <= 0 else jnp.full((x.shape[0],), guidance, jnp.float32)
-    return model(x, sigma, cond, g)
-
-  return velocity
 
 
 def ode_to_step(velocity, params, x, sigmas: jax.Array, stop: jax.Array, cond) -> jax.Array:
@@ -115,8 +106,10 @@ def reward_batch(batch: dict) -> dict:
 
 
 def make_refl_step(graphdef, tx: optax.GradientTransformation, rcfg: ReFLConfig,
-                   image_shape: tuple[int, ...], *, decode, image_seq_len: int | None = None):
-  """The pure ReFL step `(state, batch, key, consts) -> (state, metrics)` (module docstring).
+                   image_shape: tuple[int, ...], *, decode, image_seq_len: int | None = None,
+                   velocity=None):
+  """The pure ReFL step `(state, batch, key, consts) -> (state, metrics)` (module docstring);
+  `velocity(params, x, σ, cond)`: the guided generator (default `graphdef` unguided).
 
   consts = {'rewards': WeightedRewards, 'ref_images': None or (10, T, H, W, C) best-of-N
   references (one of a label's T drawn per row per step → batch['ref_pixels']). The batch holds 'tokens', 'mask' (the prompts),
@@ -124,12 +117,12 @@ def make_refl_step(graphdef, tx: optax.GradientTransformation, rcfg: ReFLConfig,
   """
   sigmas_np = rcfg.sigmas(image_seq_len)
   lo, hi = refl_lib.late_step_range(rcfg.num_steps, rcfg.late_fraction)
-  velocity = make_velocity(graphdef, rcfg.guidance)
+  velocity = velocity or guided_velocity(graphdef, Guidance())
 
-  def loss_fn(params, x_mid, sigma_mid, batch, cond, keys, rewards):
+  def loss_fn(params, x_mid, sigma_mid, batch, cond, keys, rewards, decoder):
     v = velocity(params, x_mid, sigma_mid, cond)
     x0 = steps.predicted_x0(x_mid, sigma_mid, v)
-    per = rewards.per_reward({'latents': x0, 'pixels': decode(x0)}, reward_batch(batch),
+    per = rewards.per_reward({'latents': x0, 'pixels': decode(x0, decoder)}, reward_batch(batch),
                              keys['reward'])
     total = rewards.combine(per)
     refl = refl_lib.refl_loss(total, rcfg.loss, scale=rcfg.scale, target=rcfg.target)
@@ -149,7 +142,7 @@ def make_refl_step(graphdef, tx: optax.GradientTransformation, rcfg: ReFLConfig,
     keys = dict(zip(('mid', 'noise', 'reward', 'fm_sigma', 'fm_noise', 'ref'),
                     jax.random.split(key, 6)))
     rewards = consts['rewards']
-    cond = grpo_step.cond_from_batch(batch)
+    cond = cond_from_batch(batch)
     b = jax.tree.leaves(cond)[0].shape[0]
     if consts.get('ref_images') is not None:
       batch = dict(batch, ref_pixels=label_table.sample_table(consts['ref_images'],
@@ -159,7 +152,8 @@ def make_refl_step(graphdef, tx: optax.GradientTransformation, rcfg: ReFLConfig,
     x_init = jax.random.normal(keys['noise'], (b,) + tuple(image_shape), jnp.float32)
     x_mid = ode_to_step(velocity, state['params'], x_init, sigmas, mid, cond)
     sigma_mid = jnp.full((b,), sigmas[mid], jnp.float32)
-    (loss, aux), grads = grad_fn(state['params'], x_mid, sigma_mid, batch, cond, keys, rewards)
+    (loss, aux), grads = grad_fn(state['params'], x_mid, sigma_mid, batch, cond, keys, rewards,
+                                 consts.get('decoder'))
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     new = {'params': params, 'opt_state': opt_state}
@@ -234,14 +228,14 @@ def pairwise_reward_entries(config) -> list[str]:
 
 
 def build_reference(config, rcfg: ReFLConfig, workdir: str, graphdef, params, tok,
-                    reward_name: str, batch_rows: int = 256) -> str:
+                    reward_name: str, shape: tuple[int, ...], batch_rows: int = 256) -> str:
   """Writes (or reuses) `workdir/refl_reference.npz`: the top candidates per digit prompt."""
   path = os.path.join(workdir, REFERENCE_FILE)
   if os.path.exists(path):
     logging.info('ReFL reference: reusing %s.', path)
     return path
   n = rcfg.reference_n
-  sample_fn = generate.make_sampler(graphdef, config.sampler, IMAGE_SHAPE)
+  sample_fn = generate.make_sampler(graphdef, config.sampler, shape)
   images, labels, prompts = generate.sample_digits(
       sample_fn, params, tok, per_class=n, max_len=int(config.data.max_text_len),
       key=jax.random.key(int(config.seed) + 7))
@@ -276,19 +270,23 @@ def build_reference(config, rcfg: ReFLConfig, workdir: str, graphdef, params, to
 def train(config, workdir: str) -> dict:
   mesh, rules = common.setup_mesh(config)
   rcfg = ReFLConfig.from_config(config.refl)
-  batch_size = int(config.data.batch_size)
-  tok = common.digits_tokenizer(workdir, config.model.get('vocab_size'))
+  fam = families.from_config(config)
+  tok = fam.tokenizer(workdir)
   graphdef, params, pshard = common.init_policy(config, mesh, rules)
 
   rewards_cfg = {k: dict(v) for k, v in dict(config.rewards).items()}
   ref_images = None
   for name in pairwise_reward_entries(config):
+    if tok is None:
+      raise ValueError(f'config.rewards.{name}: the best-of-N pairwise reference is built per '
+                       f'digit prompt; give it ref_images for family {fam.name}.')
     with common.mesh_context(mesh, rules):
-      path = build_reference(config, rcfg, workdir, graphdef, params, tok, name)
+      path = build_reference(config, rcfg, workdir, graphdef, params, tok, name,
+                             fam.latent_shape)
     rewards_cfg[name]['ref_images'] = path   # top-1, for scoring outside the step (the hook)
     ref_images = jax.device_put(load_references(path, rcfg.reference_top),
                                 NamedSharding(mesh, P()))
-  rewards = registry.build_rewards(rewards_cfg)
+  rewards = registry.build_rewards(rewards_cfg, mesh, rules)
   if not rewards.differentiable:
     raise ValueError(f'ReFL needs differentiable rewards; config.rewards has '
                      f'{[r.name for r in rewards.rewards if not r.differentiable]} that are not.')
@@ -296,15 +294,15 @@ def train(config, workdir: str) -> dict:
   tx = optim.make_optimizer(config.optax)
   state, shardings = build_state(params, pshard, tx, mesh, rcfg.ema_decay)
   consts = {'rewards': rewards, 'ref_images': ref_images}
-  data_iter = pipeline.digits_train_iter(batch_size, seed=int(config.seed), tokenizer=tok,
-                                         max_len=int(config.data.max_text_len))
-
-  def to_device(batch):
-    return sharding_lib.host_to_global(
-        {k: batch[k] for k in ('images', 'labels', 'tokens', 'mask')}, mesh, rules)
-
-  step_fn = make_refl_step(graphdef, tx, rcfg, IMAGE_SHAPE, decode=grpo.decode_unit)
-  hooks = generate.judge_hooks(config, graphdef, tok, workdir, IMAGE_SHAPE, rewards)
+  data_iter, to_device = common.image_or_prompt_data(config, fam, tok, 'refl', rcfg.fm_weight,
+                                                     mesh, rules)
+  codec = fam.codec(mesh, rules)
+  consts['decoder'] = codec.params
+  step_fn = make_refl_step(graphdef, tx, rcfg, fam.latent_shape,
+                           decode=codec.decode,
+                           velocity=fam.velocity(graphdef))
+  hooks = [] if tok is None else generate.judge_hooks(config, graphdef, tok, workdir,
+                                                      fam.latent_shape, rewards)
   state, last = common.run_loop(
       config, workdir, desc='refl', state=state, shardings=shardings, step_fn=step_fn,
       data_iter=data_iter, to_device=to_device, mesh=mesh, rules=rules, hooks=hooks, consts=consts)

@@ -23,6 +23,7 @@ import re
 
 import jax
 
+from rewarddance_jax import config_lib
 from rewarddance_jax.nn import lora as lora_lib
 
 # Paths of the pure param dict: 'lm/layers/<i>/q/kernel' (unscanned) or 'lm/layers/q/kernel'
@@ -30,35 +31,26 @@ from rewarddance_jax.nn import lora as lora_lib
 LM_ATTENTION_TARGETS = r'lm/layers/(\d+/)?(q|k|v|o)/kernel'
 LM_TARGETS = r'lm/layers/(\d+/)?(q|k|v|o|gate|up|down)/kernel'
 VISION_KEYS = ('vision', 'projector')
-LORA_KEYS = ('rank', 'alpha', 'targets', 'train_vision')
 
 
 @dataclasses.dataclass(frozen=True)
 class VLMLoRA:
   """Which VLM params train under LoRA, and how the model params are rebuilt (module doc)."""
-  rank: int
-  alpha: float
+  rank: int = 0
+  alpha: float | None = None     # None: 2·rank
   targets: str = LM_TARGETS
   train_vision: bool = True
+
+  RANGES = {'rank': '[0, inf)', 'alpha': '(0, inf)'}
 
   @classmethod
   def from_config(cls, cfg) -> 'VLMLoRA | None':
     """None for a missing section or rank 0 (full training)."""
-    if not cfg:
+    lora = config_lib.section(cls, cfg, 'config.reward_model.lora')
+    if lora.rank == 0:
       return None
-    cfg = dict(cfg)
-    unknown = sorted(set(cfg) - set(LORA_KEYS))
-    if unknown:
-      raise ValueError(f'config.reward_model.lora has unknown keys {unknown}; known: {LORA_KEYS}.')
-    rank = int(cfg.get('rank', 0))
-    if rank == 0:
-      return None
-    if rank < 0:
-      raise ValueError(f'config.reward_model.lora.rank={rank} must be >= 0.')
-    re.compile(str(cfg.get('targets', LM_TARGETS)))
-    return cls(rank=rank, alpha=float(cfg.get('alpha', 2.0 * rank)),
-               targets=str(cfg.get('targets', LM_TARGETS)),
-               train_vision=bool(cfg.get('train_vision', True)))
+    re.compile(lora.targets)
+    return lora if lora.alpha is not None else dataclasses.replace(lora, alpha=2.0 * lora.rank)
 
   @property
   def scale(self) -> float:

@@ -332,7 +332,7 @@ def model_params_fn(to_model):
 
 def train(config, workdir: str) -> dict:
   mesh, rules = common.setup_mesh(config)
-  tok = common.digits_tokenizer(workdir)
+  tok = tokenizer_lib.load_or_build(workdir)
   cfg = model_config(config, tok)
   tile_spec = vlm_yes.TileSpec(**config.tiles.to_dict())
   prompters = build_prompters(config, tok, cfg, tile_spec)

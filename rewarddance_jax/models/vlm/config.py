@@ -7,9 +7,9 @@ transformers' `InternVLConfig`. `from_hf_dict` reads a transformers `config.json
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
+from rewarddance_jax import config_lib
 from rewarddance_jax.nn.stack import REMAT_POLICIES
 
 
@@ -30,6 +30,10 @@ class VisionConfig:
   norm_eps: float = 1e-6
   layer_scale_init: float = 0.1
   use_mean_pooling: bool = True          # True: no final LayerNorm (transformers' convention)
+
+  RANGES = {'hidden_size': '[1, inf)', 'num_layers': '[0, inf)', 'num_heads': '[1, inf)',
+            'intermediate_size': '[1, inf)', 'image_size': '[1, inf)', 'patch_size': '[1, inf)',
+            'num_channels': '[1, inf)', 'norm_eps': '[0, inf)', 'layer_scale_init': '[0, inf)'}
 
   @property
   def grid(self) -> int:
@@ -60,6 +64,10 @@ class TextConfig:
   rope_theta: float = 1000000.0
   tie_word_embeddings: bool = False
 
+  RANGES = {'vocab_size': '[1, inf)', 'hidden_size': '[1, inf)', 'num_layers': '[0, inf)',
+            'num_heads': '[1, inf)', 'num_kv_heads': '[1, inf)', 'head_dim': '[0, inf)',
+            'intermediate_size': '[1, inf)', 'rms_norm_eps': '[0, inf)', 'rope_theta': '(0, inf)'}
+
   @property
   def dim_head(self) -> int:
     return self.head_dim or self.hidden_size // self.num_heads
@@ -83,6 +91,9 @@ class VLMConfig:
   remat: str = 'none'
   attention: str = 'auto'
 
+  RANGES = {'downsample_ratio': '(0, 1]', 'image_token_id': '[0, inf)',
+            'projector_norm_eps': '[0, inf)'}
+
   @property
   def shuffle(self) -> int:
     """Pixel-shuffle factor s = 1/downsample_ratio: s×s patches become one token."""
@@ -100,16 +111,9 @@ class VLMConfig:
                        f'factor {self.shuffle} (downsample_ratio={self.downsample_ratio}).')
 
 
-def vlm_config(cfg) -> VLMConfig:
+def vlm_config(cfg, where: str = 'config.vlm') -> VLMConfig:
   """VLMConfig from a mapping (an ml_collections section): keys 'vision', 'text' and the rest."""
-  cfg = dict(cfg)
-  vision = VisionConfig(**dict(cfg.pop('vision', {})))
-  text = TextConfig(**dict(cfg.pop('text', {})))
-  known = {f.name for f in dataclasses.fields(VLMConfig)}
-  unknown = sorted(set(cfg) - known)
-  if unknown:
-    raise ValueError(f'vlm config has unknown key(s) {unknown}; allowed: {sorted(known)}.')
-  return VLMConfig(vision=vision, text=text, **cfg)
+  return config_lib.section(VLMConfig, cfg, where)
 
 
 def _pair(v, name):
