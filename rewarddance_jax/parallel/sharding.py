@@ -222,12 +222,11 @@ def data_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
 def _holds_own_block(sharding: NamedSharding, local_rows: int) -> bool:
   """Whether this process's devices hold exactly rows [h * b, (h + 1) * b) of the global batch
   (h = process index, b = `local_rows`): the block the data pipelines give host h."""
-  h, n = jax.process_index(), jax.process_count()
-  spans = sorted({(s[0].start or 0, n * local_rows if s[0].stop is None else s[0].stop)
-                  for s in sharding.addressable_devices_indices_map((n * local_rows,)).values()})
-  ends = [h * local_rows] + [stop for _, stop in spans]
-  return all(start == end for (start, _), end in zip(spans, ends)) and ends[-1] == (
-      (h + 1) * local_rows)
+  h, total = jax.process_index(), jax.process_count() * local_rows
+  held = set()
+  for index in sharding.addressable_devices_indices_map((total,)).values():
+    held.update(range(*index[0].indices(total)))
+  return held == set(range(h * local_rows, (h + 1) * local_rows))
 
 
 @functools.lru_cache(maxsize=64)
