@@ -17,7 +17,6 @@ setup(
         "chex>=0.1.92",
         "ml-collections>=1.1.0",
         "absl-py>=2.5.1",
-        "einops>=0.8",
         "numpy>=2.0",
         "safetensors>=0.6",
         "tensorboardX>=2.6",

@@ -1,7 +1,19 @@
 #!/bin/bash
 # One device call: our JAX benchmarks and the PyTorch peers on the same GPU, results as JSON lines
 # in $OUT/results.jsonl (partial results survive a timeout). Usage: bash bench/gpu_all.sh [parts]
+# The PyTorch/diffusers FLUX peer is not part of this repository: the parts that run it (pfwd,
+# ptrain, ptraineager) need PEER=<path to that script>.
 set -u
+PARTS=${*:-matmul jfwd pfwd jtrain ptrain jgrpo pgrpo}
+for part in $PARTS; do
+  case $part in pfwd|ptrain|ptraineager)
+    if [ -z "${PEER:-}" ] || [ ! -f "$PEER" ]; then
+      echo "error: part '$part' needs PEER=<path to the PyTorch/diffusers FLUX peer script>" \
+           "(PEER='${PEER:-}' is not a file); set it or leave out pfwd, ptrain, ptraineager." >&2
+      exit 2
+    fi ;;
+  esac
+done
 OUT=${OUT:-/tmp/bench_out}; mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -14,9 +26,7 @@ R="$OUT/results.jsonl"
 run() { local t=$1; shift; echo "== $*" | tee -a "$OUT/log"; timeout "$t" "$@" 2>>"$OUT/log" | tee -a "$R"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/log"
 python3 -c "import jax, flax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__)" | tee -a "$OUT/log"
-PEER=${PEER:-../shared/bench/peer_torch_flux.py}
-[ -f "$PEER" ] || PEER=bench/peer_torch_flux_shared.py
-for part in ${@:-matmul jfwd pfwd jtrain ptrain jgrpo pgrpo}; do
+for part in $PARTS; do
   case $part in
     matmul) run 60 python3 bench/flux_jax.py matmul ;;
     jfwd)   run 240 python3 bench/flux_jax.py forward flux-dev --batch=1 ;;

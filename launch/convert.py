@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
 
+from launch import cli
 from rewarddance_jax import logs
 from rewarddance_jax.weights import convert
 
@@ -38,25 +39,22 @@ _SHARD_GB = flags.DEFINE_float('max_shard_gb', 5.0, 'Export shard size (GiB).')
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+    raise ValueError(f'unexpected arguments {argv[1:]}')
   logs.quiet_libraries()
   overrides = {}
   if _SCAN.value is not None:
     if _FAMILY.value != 'flux':
-      raise app.UsageError('--scan_layers applies to --family=flux only.')
+      raise ValueError('--scan_layers applies to --family=flux only.')
     overrides['scan_layers'] = _SCAN.value
   if _PARAM_DTYPE.value:
     overrides['param_dtype'] = _PARAM_DTYPE.value
-  try:
-    summary = convert.run(_FAMILY.value, _SRC.value, checkpoint=_CHECKPOINT.value,
-                          step=_STEP.value, cache_dir=_CACHE.value, export=_EXPORT.value,
-                          export_dtype=convert.DTYPES[_EXPORT_DTYPE.value], overrides=overrides,
-                          max_shard_bytes=int(_SHARD_GB.value * 2**30))
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from e
+  summary = convert.run(_FAMILY.value, _SRC.value, checkpoint=_CHECKPOINT.value,
+                        step=_STEP.value, cache_dir=_CACHE.value, export=_EXPORT.value,
+                        export_dtype=convert.DTYPES[_EXPORT_DTYPE.value], overrides=overrides,
+                        max_shard_bytes=int(_SHARD_GB.value * 2**30))
   print(json.dumps(summary))
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['family'])
-  app.run(main)
+  cli.run(main)

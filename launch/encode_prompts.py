@@ -18,8 +18,9 @@ import os
 
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from launch import cli
 from rewarddance_jax import logs
 from rewarddance_jax.data import prompts as prompts_lib
 from rewarddance_jax.parallel import mesh as mesh_lib
@@ -44,29 +45,26 @@ _NEGATIVE = flags.DEFINE_string(
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+    raise ValueError(f'unexpected arguments {argv[1:]}')
   logs.quiet_libraries()
   mesh = mesh_lib.create_mesh(ml_collections.ConfigDict({'ici': (1, -1, 1)}))
   dtype = DTYPES[_DTYPE.value]
   if dtype == 'bfloat16':
     import ml_dtypes  # pylint: disable=g-import-not-at-top
     dtype = ml_dtypes.bfloat16
-  try:
-    encoder = text_pipeline.PipelineTextEncoder(
-        _FAMILY.value, _PIPELINE.value, mesh, DEFAULT_RULES, t5_len=_T5_LEN.value,
-        mask_text=_MASK.value, cache_dir=_CACHE.value, progress=True)
-    records = prompts_lib.load_prompt_file(_PROMPTS.value)
-    summary = text_pipeline.encode_records(encoder, records, _OUT.value, batch_size=_BATCH.value,
-                                           dtype=dtype)
-    if _NEGATIVE.value is not None:
-      text_pipeline.write_encoded(encoder, [_NEGATIVE.value], os.path.join(_OUT.value, 'negative'),
-                                  batch_size=_BATCH.value, dtype=dtype)
-      summary['negative_prompt'] = _NEGATIVE.value
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from e
+  encoder = text_pipeline.PipelineTextEncoder(
+      _FAMILY.value, _PIPELINE.value, mesh, DEFAULT_RULES, t5_len=_T5_LEN.value,
+      mask_text=_MASK.value, cache_dir=_CACHE.value, progress=True)
+  records = prompts_lib.load_prompt_file(_PROMPTS.value)
+  summary = text_pipeline.encode_records(encoder, records, _OUT.value, batch_size=_BATCH.value,
+                                         dtype=dtype)
+  if _NEGATIVE.value is not None:
+    text_pipeline.write_encoded(encoder, [_NEGATIVE.value], os.path.join(_OUT.value, 'negative'),
+                                batch_size=_BATCH.value, dtype=dtype)
+    summary['negative_prompt'] = _NEGATIVE.value
   print(json.dumps(summary))
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['pipeline', 'prompts', 'out'])
-  app.run(main)
+  cli.run(main)

@@ -17,13 +17,12 @@
 """
 
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from launch import cli
 from rewarddance_jax import logs
-from rewarddance_jax.config_lib import parse_config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config).',
                                           lock_config=True)
@@ -40,42 +39,39 @@ flags.mark_flags_as_required(['config', 'topology'])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise ValueError(f'unexpected arguments: {argv[1:]}')
   logs.quiet_libraries()
   # pylint: disable=import-outside-toplevel  # after flag parsing: jax start-up is slow
   from rewarddance_jax.parallel import aot
   from rewarddance_jax.scan import layouts as scanner
 
   topology = _TOPOLOGY.value
-  try:
-    scanner.chip_specs(topology)
-    layouts = (None if _LAYOUTS.value.strip() == 'default'
-               else scanner.parse_layouts(_LAYOUTS.value))
-    if _STEP.value is not None and _STEP.value not in scanner.STEP_BUILDERS:
-      raise ValueError(f'--step={_STEP.value!r} is not one of '
-                       f'{sorted(scanner.STEP_BUILDERS)}.')
-  except ValueError as e:
-    sys.exit(f'error: {e}')
+  scanner.chip_specs(topology)
+  layouts = (None if _LAYOUTS.value.strip() == 'default'
+             else scanner.parse_layouts(_LAYOUTS.value))
+  if _STEP.value is not None and _STEP.value not in scanner.STEP_BUILDERS:
+    raise ValueError(f'--step={_STEP.value!r} is not one of {sorted(scanner.STEP_BUILDERS)}.')
   if not aot.libtpu_available():
-    sys.exit(f'error: libtpu cannot compile for TPU here: {aot.libtpu_unavailable_reason()}')
+    raise ValueError(f'libtpu cannot compile for TPU here: {aot.libtpu_unavailable_reason()}')
   try:
     num_devices = len(aot.tpu_devices(topology))
   except Exception as e:  # pylint: disable=broad-except  # libtpu's text for a bad topology
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    sys.exit(f'error: --topology={topology}: {lines[0] if lines else type(e).__name__}')
+    raise ValueError(f'--topology={topology}: {lines[0] if lines else type(e).__name__}') from e
   try:
     config = _CONFIG.value
     config.get('trainer', None)
   except OSError as e:  # config_flags defers a failed load until first use
     detail = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
-    sys.exit(f'error: --config={flags.FLAGS["config"].serialize().split("=", 1)[-1]}: {detail}')
+    raise ValueError(f'--config={flags.FLAGS["config"].serialize().split("=", 1)[-1]}: '
+                     f'{detail}') from e
   if layouts is None:
     candidates = config.get('scan', {}).get('candidates', None)
     try:
       layouts = (scanner.parse_layouts(candidates) if candidates
                  else scanner.default_layouts(num_devices))
     except ValueError as e:
-      sys.exit(f'error: config scan.candidates: {e}')
+      raise ValueError(f'config scan.candidates: {e}') from e
   if _STEP.value is not None:
     layouts = [dict(l, step=l.get('step', _STEP.value)) for l in layouts]
 
@@ -94,4 +90,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_config_flags)
+  cli.run(main)

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 from collections.abc import Sequence
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from launch import cli
 
 _REWARD = flags.DEFINE_string('reward', None, 'directory of a saved VLM reward (reward_model/).')
 _IMAGES = flags.DEFINE_string('images', None, 'samples .npz or a folder of images.')
@@ -107,24 +108,20 @@ def score(reward_dir: str, images: np.ndarray, prompts: list[str], *, mode: str,
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  try:
-    images, names, file_prompts = load_images(_IMAGES.value)
-    prompts = resolve_prompts(_PROMPTS.value, file_prompts, len(images))
-    ref = None
-    if _MODE.value == 'pairwise':
-      if not _REF.value:
-        raise ValueError('--mode=pairwise needs --ref (reference images).')
-      ref = load_images(_REF.value)[0]
-      if len(ref) == 1:
-        ref = np.repeat(ref, len(images), 0)
-      if ref.shape != images.shape:
-        raise ValueError(f'--ref images {ref.shape} do not match --images {images.shape}.')
-    rewards = score(_REWARD.value, images, prompts, mode=_MODE.value,
-                    normalization=_NORM.value, ref=ref, batch=min(_BATCH.value, len(images)))
-  except (FileNotFoundError, ValueError, KeyError) as e:
-    print(f'score: error: {str(e).splitlines()[0]}', file=sys.stderr)
-    sys.exit(1)
+    raise ValueError(f'unexpected arguments: {" ".join(argv[1:])}')
+  images, names, file_prompts = load_images(_IMAGES.value)
+  prompts = resolve_prompts(_PROMPTS.value, file_prompts, len(images))
+  ref = None
+  if _MODE.value == 'pairwise':
+    if not _REF.value:
+      raise ValueError('--mode=pairwise needs --ref (reference images).')
+    ref = load_images(_REF.value)[0]
+    if len(ref) == 1:
+      ref = np.repeat(ref, len(images), 0)
+    if ref.shape != images.shape:
+      raise ValueError(f'--ref images {ref.shape} do not match --images {images.shape}.')
+  rewards = score(_REWARD.value, images, prompts, mode=_MODE.value,
+                  normalization=_NORM.value, ref=ref, batch=min(_BATCH.value, len(images)))
   out = _OUT.value or _IMAGES.value.rstrip('/') + '.rewards.csv'
   with open(out, 'w', newline='', encoding='utf-8') as f:
     w = csv.writer(f)
@@ -136,4 +133,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

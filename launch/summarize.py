@@ -8,10 +8,9 @@ Reads each run's `results.json`, prints per method the judge accuracy, reward me
 as mean [min – max] over the runs, and writes the table to --out when given.
 """
 
-import sys
+from absl import flags
 
-from absl import app, flags
-
+from launch import cli
 from rewarddance_jax import evaluate
 
 _RUNS = flags.DEFINE_list('runs', None, 'pipeline workdirs, comma-separated.')
@@ -21,11 +20,8 @@ flags.mark_flag_as_required('runs')
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  try:
-    table, _ = evaluate.summarize_runs(_RUNS.value)
-  except (FileNotFoundError, ValueError, KeyError) as e:
-    sys.exit(f'summarize: error: {e}')
+    raise ValueError(f'unexpected arguments: {argv[1:]}')
+  table, _ = evaluate.summarize_runs(_RUNS.value)
   print(table)
   if _OUT.value:
     with open(_OUT.value, 'w', encoding='utf-8') as f:
@@ -33,4 +29,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

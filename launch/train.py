@@ -1,21 +1,22 @@
 """Train: `python -m launch.train --config=configs/<family>/<job>.py[:args] --workdir=DIR`.
 
 The same command runs on every host of a pod. `--config.a.b=value` overrides a field; an unknown
-field is rejected with its name. Re-running with the same workdir resumes from its checkpoint.
+field is rejected with its name. Re-running with the same workdir resumes from its checkpoint;
+a second run on a workdir in use is refused (`workdir_lock`). Bad input ends the run with one
+line and status 2, SIGTERM with a checkpoint and status 143 (`launch/cli.py`).
 The trainer is the one `config.trainer` names in rewarddance_jax/train.
 Several processes (one per host): `--coordinator=HOST:PORT --num_processes=N --process_id=I`,
 or the scheduler's environment (TPU pod, Slurm, Open MPI; `parallel/distributed.py`).
 """
 
-import sys
-
-from absl import app, flags, logging
+import jax
+from absl import flags, logging
 from ml_collections import config_flags
 
-from rewarddance_jax import logs
-from rewarddance_jax.config_lib import parse_config_flags
+from launch import cli
+from rewarddance_jax import logs, workdir_lock
 from rewarddance_jax.parallel import distributed
-from rewarddance_jax.train import get_trainer
+from rewarddance_jax.train import get_trainer, loop
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config).',
                                           lock_config=True)
@@ -37,28 +38,31 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise ValueError(f'unexpected arguments: {argv[1:]}')
   logs.quiet_libraries()
   if '://' in _WORKDIR.value:
-    sys.exit(f'error: --workdir={_WORKDIR.value}: metrics, samples and the tokenizer are written '
-             'with local file I/O; mount the bucket (e.g. gcsfuse) and pass the mounted path.')
-  try:
-    distributed.initialize(_DISTRIBUTED.value, coordinator=_COORDINATOR.value,
-                           num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
-                           heartbeat_timeout_s=_HEARTBEAT.value,
-                           shutdown_timeout_s=_SHUTDOWN.value)
-  except ValueError as e:
-    sys.exit(f'error: {e}')
+    raise ValueError(f'--workdir={_WORKDIR.value}: metrics, samples and the tokenizer are written '
+                     'with local file I/O; mount the bucket (e.g. gcsfuse) and pass the mounted '
+                     'path.')
+  distributed.initialize(_DISTRIBUTED.value, coordinator=_COORDINATOR.value,
+                         num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                         heartbeat_timeout_s=_HEARTBEAT.value, shutdown_timeout_s=_SHUTDOWN.value)
   config = _CONFIG.value
   try:
     trainer_name = config.get('trainer', None)
   except OSError as e:  # config_flags defers a failed load until first use
     detail = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
-    sys.exit(f'error: --config={flags.FLAGS["config"].serialize().split("=", 1)[-1]}: {detail}')
+    raise ValueError(f'--config={flags.FLAGS["config"].serialize().split("=", 1)[-1]}: '
+                     f'{detail}') from e
   trainer = get_trainer(trainer_name)
   logging.info('Trainer %s, workdir %s', config.trainer, _WORKDIR.value)
-  trainer(config, _WORKDIR.value)
+  stops = len(loop.SIGTERM_STOPS)
+  with workdir_lock.hold(_WORKDIR.value, enabled=jax.process_index() == 0):
+    trainer(config, _WORKDIR.value)
+  if len(loop.SIGTERM_STOPS) > stops:
+    raise cli.Terminated(f'stopped by SIGTERM after step {loop.SIGTERM_STOPS[-1]}, checkpoint '
+                         f'saved in {_WORKDIR.value}; run the same command again to resume.')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_config_flags)
+  cli.run(main)

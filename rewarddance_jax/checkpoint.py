@@ -22,8 +22,12 @@ Orbax stays behind this module (docs/design.md §5), so the later move to the V1
 5. `wait()` blocks until the pending async save is on disk; `close()` (also on leaving the
    `with` block) waits and then releases Orbax's threads.
 
+6. `read_item(step, name)` restores one array item as saved (for inspection, no target), and
+   `set_aside(step)` moves a corrupt step out of the directory (to `<directory>_corrupt/`).
+
 Nothing here deletes or rewrites files when something goes wrong; the only deletions are
-Orbax's `max_to_keep` pruning of old steps after a successful save.
+Orbax's `max_to_keep` pruning of old steps after a successful save. A corrupt step raises
+`CheckpointError`, a subclass of `RuntimeError` and `errors.InputError`.
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-__all__ = ["Checkpointer", "abstract_like"]
+from rewarddance_jax.errors import InputError
+
+__all__ = ["CheckpointError", "Checkpointer", "abstract_like"]
 
 PyTree = Any
 
@@ -52,10 +58,17 @@ _COMMIT_MARKER = "commit_success.txt"
 _MAX_LISTED_PATHS = 6
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-  """First line of an exception text, shortened: TensorStore errors dump whole specs."""
-  lines = str(text).strip().splitlines()
-  line = lines[0] if lines else ""
+class CheckpointError(InputError, RuntimeError):
+  """A step directory that is partial, corrupt or unreadable; the message names it."""
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+  """`Type: first line` of the innermost cause of `error`, shortened: Orbax wraps TensorStore
+  errors whose text dumps whole specs, the cause says what is wrong (a short file, bad JSON)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  lines = str(error).strip().splitlines()
+  line = f"{type(error).__name__}: {lines[0] if lines else ''}"
   return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
@@ -292,11 +305,27 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(int(s) for s in self._manager.all_steps())
 
+  def set_aside(self, step: int) -> epath.Path:
+    """Moves step `step` out of the managed directory, to `<directory>_corrupt/<step>[.n]`, and
+    returns where: later saves of that step and Orbax's `max_to_keep` pruning (which counts every
+    step it lists) then never touch it, and nothing is deleted."""
+    self._check_open()
+    self.wait()
+    aside = self._directory.parent / f"{self._directory.name}_corrupt"
+    aside.mkdir(parents=True, exist_ok=True)
+    target, n = aside / str(step), 0
+    while target.exists():
+      n += 1
+      target = aside / f"{step}.{n}"
+    self.step_directory(step).rename(target)
+    self._manager.reload()
+    return target
+
   def _check_item_dir(self, step_dir: epath.Path, name: str) -> epath.Path:
     item_dir = step_dir / name
     if not item_dir.is_dir():
       present = sorted(p.name for p in step_dir.iterdir() if p.is_dir())
-      raise RuntimeError(
+      raise CheckpointError(
           f"checkpoint {step_dir} has no folder for item '{name}' (partial checkpoint or wrong "
           f"item name; items present: {present})"
       )
@@ -308,9 +337,9 @@ class Checkpointer:
     try:
       saved = self._metadata_handler.metadata(item_dir).tree
     except Exception as e:  # pylint: disable=broad-exception-caught
-      raise RuntimeError(
+      raise CheckpointError(
           f"checkpoint {step_dir}: metadata of item '{name}' is unreadable "
-          f"({type(e).__name__}: {_one_line(e)})"
+          f"({_one_line(e)})"
       ) from e
     saved_flat = _flat_by_path(saved)
     target_flat = _flat_by_path(target)
@@ -360,8 +389,9 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: no such step.
-      RuntimeError: the step is corrupt or partial (missing commit marker or item folder,
-        unreadable metadata or data); the message names the step directory and the item.
+      CheckpointError (a RuntimeError): the step is corrupt or partial (missing commit marker
+        or item folder, unreadable metadata or data); the message names the step directory
+        and the item.
       ValueError: the saved tree does not match a target (names the key paths).
     """
     self._check_open()
@@ -375,14 +405,14 @@ class Checkpointer:
     step_dir = self.step_directory(step)
     if step not in self.all_steps():
       if step_dir.exists():
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {step_dir} is not a finished checkpoint (Orbax does not list it)"
         )
       raise FileNotFoundError(
           f"no checkpoint for step {step} in {self._directory} (steps: {self.all_steps()})"
       )
     if not (step_dir / _COMMIT_MARKER).exists():
-      raise RuntimeError(
+      raise CheckpointError(
           f"checkpoint {step_dir} is partial: commit marker '{_COMMIT_MARKER}' is missing"
       )
 
@@ -402,18 +432,27 @@ class Checkpointer:
       try:
         result = self._manager.restore(step, args=ocp.args.Composite(**{name: request}))
       except Exception as e:  # pylint: disable=broad-exception-caught
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {step_dir}: item '{name}' could not be restored "
-            f"({type(e).__name__}: {_one_line(e)})"
+            f"({_one_line(e)})"
         ) from e
       restored[name] = result[name]
     for name in json:
       if not isinstance(restored[name], dict):
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {step_dir}: json item '{name}' holds a "
             f"{type(restored[name]).__name__}, not a dict"
         )
     return restored
+
+  def read_item(self, step: int, name: str) -> PyTree:
+    """Array item `name` of `step` as it was saved, every leaf on this process's first device:
+    a checkpoint inspected without the model that wrote it (its metadata gives the target)."""
+    item_dir = self._check_item_dir(self.step_directory(step), name)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          self._metadata_handler.metadata(item_dir).tree)
+    return self.restore(step, arrays={name: target})[name]
 
   def wait(self) -> None:
     """Blocks until a pending async save is committed (and old steps are pruned)."""

@@ -16,7 +16,6 @@ attribute (e.g. `RANGES = {'lr': '[0, inf)', 'b1': '[0, 1)'}`) are one-line erro
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import sys
 import types
@@ -128,7 +127,7 @@ def section(cls, cfg, where: str, **given):
 
 
 def parse_config_flags(argv):
-  """absl `flags_parser` for launchers with a config flag: one-line errors, no usage dump.
+  """absl `flags_parser` for the launchers: one-line errors, no usage dump, exit status 2.
 
   An unknown `--config.a.b=v` key names the argument and ml_collections' suggestion; any other
   flag error keeps its first and last line (the file and the cause).
@@ -141,9 +140,19 @@ def parse_config_flags(argv):
     key = key.group(1) if key else text
     hint = re.search(r'Did you mean \\?"(\w+)', text)
     culprit = next((a for a in argv if a.startswith('--config.') and key in a), key)
-    sys.exit(f'error: {culprit}: unknown config key {key!r}'
-             + (f' (did you mean {hint.group(1)!r}?)' if hint else '.'))
+    _exit_bad_flag(f'{culprit}: unknown config key {key!r}'
+                   + (f' (did you mean {hint.group(1)!r}?)' if hint else '.'))
+  except OSError as e:  # a config file that fails to load, met while applying an override
+    while e.__cause__ is not None or e.__context__ is not None:
+      e = e.__cause__ or e.__context__
+    config = next((a for a in argv if a.startswith('--config=')), '--config')
+    _exit_bad_flag(f'{config}: {[l.strip() for l in str(e).splitlines() if l.strip()][-1]}')
   except flags.Error as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    sys.exit(f'error: {lines[0]} {lines[-1] if len(lines) > 1 else ""}'.strip())
+    _exit_bad_flag(f'{lines[0]} {lines[-1] if len(lines) > 1 else ""}'.strip())
+
+
+def _exit_bad_flag(message: str):
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
 

@@ -25,6 +25,7 @@ import numpy as np
 from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.families.digits import LATENT_SHAPE
 from rewarddance_jax import metrics as metrics_lib
+from rewarddance_jax.parallel import rng as rng_lib
 from rewarddance_jax.rewards import registry
 from rewarddance_jax.train import common, generate
 
@@ -180,7 +181,7 @@ def evaluate_pipeline(config, workdir: str, records: dict, stages, reward_cfg) -
   score = make_scorer(reward_cfg)
   judge = judge_lib.DigitJudge.load_or_train()
   tok = tokenizer_lib.load_or_build(None)
-  key = jax.random.key(int(config.seed) + 1000)
+  key = rng_lib.key(config.seed, 'evaluate')
   rows, grids, rl_stages = [], [], []
   for name, cfg, _ in stages:
     if cfg.trainer not in GENERATOR_TRAINERS:

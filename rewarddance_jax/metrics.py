@@ -11,9 +11,7 @@
 4. `progress_bar(total, initial=..., desc=...)` is a tqdm bar with rate and ETA.
 5. `image_grid` tiles (N, H, W, C) images in [0, 1] into one uint8 RGB image and `save_png`
    writes it with Pillow.
-6. `RewardVarianceWindow` keeps the last `capacity` raw per-sample rewards in a ring buffer
-   and gives their mean / variance / std; `state()` / `from_state()` turn it into a plain
-   JSON-able dict for checkpoints.
+(GRPO's reward-variance window is in-graph state: train/grpo_step.py.)
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ import tqdm
 
 __all__ = [
     "MetricWriter",
-    "RewardVarianceWindow",
     "image_grid",
     "progress_bar",
     "read_metrics",
@@ -312,68 +309,3 @@ def save_png(path: str | os.PathLike[str], image: Any) -> None:
   if parent:
     os.makedirs(parent, exist_ok=True)
   Image.fromarray(image).save(path, format="PNG")
-
-
-class RewardVarianceWindow:
-  """Mean / variance of the last `capacity` raw per-sample rewards (a ring buffer)."""
-
-  def __init__(self, capacity: int = 1000):
-    if capacity < 1:
-      raise ValueError(f"capacity must be >= 1, got {capacity}")
-    self._capacity = int(capacity)
-    self._buffer = np.zeros((self._capacity,), np.float64)
-    self._next = 0  # index the next reward is written to
-    self._count = 0  # number of valid entries, <= capacity
-
-  @property
-  def capacity(self) -> int:
-    return self._capacity
-
-  def __len__(self) -> int:
-    return self._count
-
-  def add(self, rewards: Any) -> None:
-    """Adds rewards (any shape; flattened). Only the newest `capacity` are kept."""
-    values = np.asarray(rewards, dtype=np.float64).reshape(-1)
-    if values.size >= self._capacity:
-      # Older entries and the head of this batch would all be overwritten anyway.
-      self._buffer[:] = values[-self._capacity :]
-      self._next = 0
-      self._count = self._capacity
-      return
-    end = self._next + values.size
-    if end <= self._capacity:
-      self._buffer[self._next : end] = values
-    else:
-      split = self._capacity - self._next
-      self._buffer[self._next :] = values[:split]
-      self._buffer[: end - self._capacity] = values[split:]
-    self._next = end % self._capacity
-    self._count = min(self._count + values.size, self._capacity)
-
-  def values(self) -> np.ndarray:
-    """The stored rewards, oldest first."""
-    if self._count < self._capacity:
-      return self._buffer[: self._count].copy()
-    return np.concatenate([self._buffer[self._next :], self._buffer[: self._next]])
-
-  # An empty window reports 0 rather than NaN, so callers can write `max(std, eps)`.
-  def mean(self) -> float:
-    return float(np.mean(self.values())) if self._count else 0.0
-
-  def var(self) -> float:
-    """Population variance (ddof=0), as `np.var`."""
-    return float(np.var(self.values())) if self._count else 0.0
-
-  def std(self) -> float:
-    return float(np.std(self.values())) if self._count else 0.0
-
-  def state(self) -> dict[str, Any]:
-    """A plain JSON-able dict (e.g. for a checkpoint's JSON item)."""
-    return {"capacity": self._capacity, "values": [float(v) for v in self.values()]}
-
-  @classmethod
-  def from_state(cls, state: Mapping[str, Any]) -> RewardVarianceWindow:
-    window = cls(int(state["capacity"]))
-    window.add(np.asarray(state["values"], dtype=np.float64))
-    return window

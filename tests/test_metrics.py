@@ -4,10 +4,8 @@
    last line from a killed run; `truncate_after`.
 2. TensorBoard event files for scalars and images.
 3. `progress_bar`, `image_grid` (shapes, padding, grey to RGB, value mapping) and `save_png`.
-4. `RewardVarianceWindow` against NumPy on a buffer that has wrapped, and its JSON state.
 """
 
-import json
 import math
 
 import jax.numpy as jnp
@@ -17,7 +15,6 @@ from PIL import Image
 
 from rewarddance_jax.metrics import (
     MetricWriter,
-    RewardVarianceWindow,
     image_grid,
     progress_bar,
     read_metrics,
@@ -120,31 +117,3 @@ def test_save_png(tmp_path):
   with pytest.raises(ValueError, match="uint8"):
     save_png(tmp_path / "x.png", image.astype(np.float32))
 
-
-def test_reward_variance_window_wraps():
-  rng = np.random.default_rng(0)
-  window = RewardVarianceWindow(capacity=50)
-  assert window.std() == 0.0 and window.mean() == 0.0 and len(window) == 0
-  history = []
-  for size in (7, 13, 30, 1, 22, 49):
-    batch = rng.normal(2.0, 3.0, size=(size,)).astype(np.float32)
-    window.add(batch)
-    history.extend(batch.astype(np.float64))
-    expected = np.asarray(history[-50:])
-    np.testing.assert_array_equal(window.values(), expected)
-    assert math.isclose(window.mean(), np.mean(expected), rel_tol=1e-12)
-    assert math.isclose(window.var(), np.var(expected), rel_tol=1e-12)
-    assert math.isclose(window.std(), np.std(expected), rel_tol=1e-12)
-  assert len(window) == 50
-  big = rng.normal(size=(2, 60))  # more than the capacity: only its tail is kept
-  window.add(big)
-  np.testing.assert_array_equal(window.values(), big.reshape(-1)[-50:])
-  assert len(window) == 50
-
-  state = json.loads(json.dumps(window.state()))
-  restored = RewardVarianceWindow.from_state(state)
-  np.testing.assert_array_equal(restored.values(), window.values())
-  restored.add([1.0, 2.0])
-  window.add([1.0, 2.0])
-  np.testing.assert_array_equal(restored.values(), window.values())
-  assert restored.std() == window.std()

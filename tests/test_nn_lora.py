@@ -13,6 +13,7 @@ from rewarddance_jax.models.presets import model_preset
 from rewarddance_jax.nn import lora as lora_lib
 from rewarddance_jax.parallel import mesh as mesh_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.parallel.trees import count_params
 
 
 
@@ -90,7 +91,7 @@ def test_scanned_mmdit_tree():
   assert blocks['double_blocks']['txt_out']['kernel']['b'].shape == (2, 4, 32)
   assert set(blocks['single_blocks']) == {'attn', 'attn_out'}       # not mlp_in / mlp_out
   # Per layer: double = 2 streams × (qkv 4·(32 + 96) + out 4·(32 + 32)), single = qkv + out.
-  assert lora_lib.count_params(lora) == 2 * 2 * 4 * (128 + 64) + 2 * 4 * (128 + 64)
+  assert count_params(lora) == 2 * 2 * 4 * (128 + 64) + 2 * 4 * (128 + 64)
   x = _normal((2, 16, 16, 1), 99)
   cond = {'tokens': jnp.arange(12).reshape(2, 6) % 40, 'mask': jnp.ones((2, 6), bool)}
   run = jax.jit(lambda p, lo: nnx.merge(graphdef, lora_lib.merge(p, lo, 2.0))(x, 0.4, cond))

@@ -34,16 +34,3 @@ def test_ema_update_structure_mismatch():
   with pytest.raises(ValueError):
     ema.ema_update({'a': jnp.zeros(2)}, {'a': jnp.zeros(2), 'b': jnp.zeros(2)}, 0.9)
 
-
-@pytest.mark.parametrize('step, expected', [(0, 0.1), (8, 0.5), (71, 72 / 81), (80, 0.9),
-                                            (1000, 0.9)])
-def test_flow_grpo_ema_decay(step, expected):
-  # min((1 + s)/(10 + s), 0.9): 1/10, 9/18, 72/81, 81/90 = 0.9 (the cap), then capped.
-  assert float(ema.flow_grpo_ema_decay(step)) == pytest.approx(expected, rel=1e-6)
-  assert float(jax.jit(ema.flow_grpo_ema_decay)(jnp.int32(step))) == pytest.approx(expected,
-                                                                                   rel=1e-6)
-
-
-def test_flow_grpo_ema_decay_custom_cap():
-  assert float(ema.flow_grpo_ema_decay(20, max_decay=0.5)) == 0.5  # 21/30 = 0.7 > 0.5.
-  assert float(ema.flow_grpo_ema_decay(2, max_decay=0.5)) == pytest.approx(3 / 12)

@@ -24,6 +24,7 @@ from rewarddance_jax.models.presets import model_preset
 from rewarddance_jax.nn import lora as lora_lib
 from rewarddance_jax.parallel import aot
 from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.parallel.trees import count_params
 from rewarddance_jax.scan import grpo as scan_grpo
 from rewarddance_jax.scan import layouts as scanner
 from rewarddance_jax.scan.step import per_chip_bytes
@@ -76,7 +77,7 @@ def test_lora_policy_is_lora_only():
   flat = jax.tree_util.tree_flatten_with_path(full.state['params'])[0]
   want = sum(math.prod(x.shape[:-2]) * (x.shape[-2] + x.shape[-1]) * RANK
              for path, x in flat if pattern.fullmatch(lora_lib._path_str(path)))  # pylint: disable=protected-access
-  assert want > 0 and lora_lib.count_params(pol.state['params']) == want
+  assert want > 0 and count_params(pol.state['params']) == want
   adam = [s for s in jax.tree.leaves(pol.state['opt_state'], is_leaf=lambda s: hasattr(s, 'mu'))
           if hasattr(s, 'mu')]
   assert len(adam) == 1

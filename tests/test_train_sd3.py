@@ -5,6 +5,7 @@ pre-encoded as `launch.encode_prompts --negative_prompt` writes them, trained th
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -16,7 +17,8 @@ from configs.sd3 import grpo_sd35_medium  # noqa: E402
 from rewarddance_jax import families, metrics as metrics_lib  # noqa: E402
 from rewarddance_jax.parallel import mesh as mesh_lib  # noqa: E402
 from rewarddance_jax.parallel import sharding as sharding_lib  # noqa: E402
-from rewarddance_jax.train import grpo as grpo_trainer, prfl as prfl_trainer  # noqa: E402
+from rewarddance_jax.rewards import registry  # noqa: E402
+from rewarddance_jax.train import generate, grpo as grpo_trainer, prfl as prfl_trainer  # noqa: E402
 from rewarddance_jax.train import r0 as r0_trainer, refl as refl_trainer  # noqa: E402
 from rewarddance_jax.weights import text_pipeline  # noqa: E402
 from test_train_flux import FIRST_RATIO_BOUND, _randomise, tiny_vae  # noqa: E402
@@ -151,3 +153,21 @@ def test_fm_weight_without_real_images_is_one_clear_error(dirs, tmp_path):
   c.prfl.fm_weight = 1.0
   with pytest.raises(ValueError, match='prfl.fm_weight > 0 trains on real images'):
     prfl_trainer.train(c, str(tmp_path))
+
+
+def test_sampling_and_best_of_n_search_on_sd3_with_cfg(dirs):
+  cfg = _config(dirs, 1)
+  fam = families.from_config(cfg)
+  mesh = mesh_lib.create_mesh(cfg.mesh, jax.devices()[:1])
+  rules = sharding_lib.rules_from_config(cfg.sharding_rules)
+  graphdef, params, _, _ = fam.load(mesh, rules, progress=False)
+  codec = fam.codec(mesh, rules)
+  sampler = ml_collections.ConfigDict(dict(kind='ode', schedule='shift', num_steps=3, shift=3.0))
+  kw = dict(prompts_dir=dirs['prompts'], count=2, key=jax.random.key(0))
+  images, ids, prompts, calls = generate.sample_family(fam, graphdef, params, codec, sampler, **kw)
+  assert images.shape == (2, 16, 16, 3) and list(ids) == [0, 1] and calls == 3
+  assert prompts == PROMPTS[:2] and 0.0 <= images.min() and images.max() <= 1.0
+  verifier = registry.build_rewards({'mean_intensity': {}})
+  best, _, _, calls = generate.sample_family(fam, graphdef, params, codec, sampler,
+                                             search_method='bon', verifier=verifier, n=3, **kw)
+  assert calls == 3 * 3 and best.shape == images.shape   # the pick itself: test_generate_search

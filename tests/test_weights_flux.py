@@ -15,7 +15,7 @@ torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
 from rewarddance_jax.models.generator import Generator, generator_config  # noqa: E402
-from rewarddance_jax.models.mmdit import param_count  # noqa: E402
+from rewarddance_jax.parallel.trees import count_params  # noqa: E402
 from rewarddance_jax.models.presets import model_preset  # noqa: E402
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES  # noqa: E402
 from rewarddance_jax.weights import flux  # noqa: E402
@@ -182,7 +182,7 @@ def test_flux_bad_weights_name_every_key(tiny_dirs, tmp_path):
 def test_flux_dev_param_count_matches_diffusers():
   cfg = generator_config(model_preset('flux-dev', scan_layers=True))
   with nnx.use_eager_sharding(False), fast_abstract_tracing():
-    ours = param_count(nnx.state(nnx.eval_shape(lambda: Generator(cfg, rngs=nnx.Rngs(0)))))
+    ours = count_params(nnx.state(nnx.eval_shape(lambda: Generator(cfg, rngs=nnx.Rngs(0)))))
   with torch.device('meta'):
     ref = sum(p.numel() for p in diffusers.FluxTransformer2DModel(guidance_embeds=True).parameters())
   assert ours == ref == 11_901_408_320

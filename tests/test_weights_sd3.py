@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
-from rewarddance_jax.models.mmdit import param_count  # noqa: E402
+from rewarddance_jax.parallel.trees import count_params  # noqa: E402
 from rewarddance_jax.models.sd3 import SD3Generator  # noqa: E402
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES  # noqa: E402
 from rewarddance_jax.weights import sd3  # noqa: E402
@@ -87,7 +87,7 @@ def _meta_shapes(model):
 def _abstract_shapes(cfg):
   with nnx.use_eager_sharding(False), fast_abstract_tracing():
     state = nnx.state(nnx.eval_shape(lambda: SD3Generator(cfg, rngs=nnx.Rngs(0))))
-  return {p: tuple(v.get_value().shape) for p, v in nnx.to_flat_state(state)}, param_count(state)
+  return {p: tuple(v.get_value().shape) for p, v in nnx.to_flat_state(state)}, count_params(state)
 
 
 def test_sd35_medium_and_sd3_medium_key_maps_and_sizes():

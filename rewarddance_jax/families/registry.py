@@ -25,6 +25,7 @@ from rewarddance_jax import config_lib
 from rewarddance_jax.data import pipeline, prompts as prompts_lib
 from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.families import base, digits, flux, sd3
+from rewarddance_jax.parallel import rng as rng_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 
 FAMILIES = {f.name: f for f in (digits.FAMILY, flux.FAMILY, sd3.FAMILY)}
@@ -86,8 +87,10 @@ class GeneratorFamily:
     return tuple(int(d) for d in self._latent_shape)
 
   def factory(self, model_cfg, seed: int):
-    """A function building the family's model of `model_cfg` (under eval_shape or jit)."""
-    return lambda: self.family.make_model(model_cfg, nnx.Rngs(seed))
+    """A function building the family's model of `model_cfg` (under eval_shape or jit), its
+    weights drawn from the run's 'generator_init' stream."""
+    return lambda: self.family.make_model(model_cfg,
+                                          nnx.Rngs(rng_lib.key(seed, 'generator_init')))
 
   # -- the generator --------------------------------------------------------------------------
 

@@ -17,7 +17,8 @@ Algorithm:
        ``sigma_min`` and shifts them again: ``σ = shift_s(linspace(1, shift_s(1e-3), N))``, then 0;
      - ``flux_dynamic`` (Flow-GRPO FLUX pipeline): ``linspace(1, 1/N, N)``, exponential shift with
        μ(L), then 0.
-  4. DanceGRPO feeds FLUX the quantised timestep ``int(1000σ)/1000``; its steps use the float σ.
+  4. DanceGRPO feeds FLUX the quantised timestep ``int(1000σ)/1000`` (its steps use the float σ);
+     here the network always gets the exact 1000σ (docs/algorithms.md §10 #2).
 
 All schedule math runs in numpy float64; results are float32 (what the step functions consume).
 """
@@ -26,8 +27,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 SCHEDULE_KINDS = ('linear', 'shift', 'flow_grpo_sd3', 'flux_dynamic')
@@ -53,21 +52,11 @@ def _exp_shift64(sigmas: Any, mu: float) -> np.ndarray:
   return np.where(positive, e / (e + (1.0 / safe - 1.0)), 0.0)
 
 
-def shift_sigmas(sigmas: Any, shift: float) -> np.ndarray:
-  """Constant shift ``s·t / (1 + (s − 1)·t)``; keeps 0 and 1, moves the grid to noise if s > 1."""
-  return _shift64(sigmas, shift).astype(np.float32)
-
-
 def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
             base_shift: float = 0.5, max_shift: float = 1.15) -> float:
   """FLUX shift parameter μ, linear in the image token count (diffusers ``calculate_shift``)."""
   slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
   return float(base_shift + slope * (image_seq_len - base_seq_len))
-
-
-def exp_shift(sigmas: Any, mu: float) -> np.ndarray:
-  """Exponential (time-shift) map ``e^μ / (e^μ + (1/σ − 1))``, with σ = 0 mapped to exactly 0."""
-  return _exp_shift64(sigmas, mu).astype(np.float32)
 
 
 def get_sigmas(kind: str, num_steps: int, *, shift: float = 1.0,
@@ -105,23 +94,3 @@ def get_sigmas(kind: str, num_steps: int, *, shift: float = 1.0,
   sigmas[0], sigmas[-1] = 1.0, 0.0
   return sigmas
 
-
-def quantize_sigmas(sigmas: Any) -> Any:
-  """DanceGRPO's quantised FLUX timestep ``int(1000σ)/1000`` (truncation) in float32, σ ∈ [0, 1].
-
-  DanceGRPO evaluates ``int(sigma * 1000)`` on a float32 tensor, so the product is rounded to
-  float32 before truncation: float32(0.7)·1000 rounds to exactly 700 there, whereas a float64
-  product gives 699.99998… and would truncate to 0.699. So the product is taken in float32 here too.
-  numpy input gives a numpy array; a jax array (also a tracer inside jit) gives a jax array.
-  """
-  if isinstance(sigmas, jax.Array):
-    k = jnp.trunc(sigmas.astype(jnp.float32) * jnp.float32(1000.0)).astype(jnp.int32)
-    # XLA rewrites division by a constant into a multiply by its reciprocal, which is 1 ulp off for
-    # e.g. 700/1000; a gather from the correctly rounded table gives the same bits as numpy.
-    return jnp.asarray(_QUANTIZED_TABLE)[jnp.clip(k, 0, 1000)]
-  k = np.trunc(np.asarray(sigmas, np.float32) * np.float32(1000.0))
-  return (k / np.float32(1000.0)).astype(np.float32)
-
-
-# k/1000 for k = 0..1000, each correctly rounded to float32.
-_QUANTIZED_TABLE = (np.arange(1001, dtype=np.float64) / 1000.0).astype(np.float32)

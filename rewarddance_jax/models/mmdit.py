@@ -225,7 +225,3 @@ class MMDiT(nnx.Module):
     shift, scale = self.final_mod(vec)
     out = self.final_out(layers.modulate(layers.layer_norm(img), shift, scale))
     return out.astype(jnp.float32)
-
-
-def param_count(tree) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(tree))

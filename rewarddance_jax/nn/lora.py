@@ -25,7 +25,6 @@ logical names ('lora_rank' for r) from the base's, for the rules-based path. Bui
 directly with
 `jax.jit(functools.partial(init_lora, ...), out_shardings=lora_shardings(...))(params)`.
 `init_lora` reads only shapes and dtypes, so `params` may be `jax.ShapeDtypeStruct`s.
-`count_params(tree)` counts the trainable numbers of a LoRA (or any) tree.
 """
 
 from __future__ import annotations
@@ -183,8 +182,3 @@ def lora_shardings(lora: Any, param_shardings: Any) -> dict:
     _set(out, path, {'a': NamedSharding(base.mesh, P(*lead, s_in, None)),
                      'b': NamedSharding(base.mesh, P(*lead, None, s_out))})
   return out
-
-
-def count_params(tree: Any) -> int:
-  """Number of scalars in a (LoRA) tree."""
-  return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -99,7 +99,8 @@ def head_config(config, backbone: Backbone):
   return config_lib.section(lib.HeadConfig, r.head, 'config.reward.head', **fixed)
 
 
-def head_factory(config, hcfg, seed: int):
+def head_factory(config, hcfg, seed):
+  """`() -> head`; `seed` is what `nnx.Rngs` takes: an int or a key."""
   if config.reward.kind == 'thurstone':
     return lambda: thurstone_lib.ThurstoneHead(hcfg, rngs=nnx.Rngs(seed))
   return lambda: process_lib.PAVRMHead(hcfg, rngs=nnx.Rngs(seed))

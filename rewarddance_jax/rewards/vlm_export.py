@@ -20,7 +20,9 @@ from flax import nnx
 
 from rewarddance_jax.models.vlm import InternVL
 from rewarddance_jax.models.vlm.config import vlm_config
+from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.rewards import vlm_yes
+from rewarddance_jax.weights import json_file, safetensors_io
 
 PARAMS_FILE = 'params.safetensors'
 CONFIG_FILE = 'vlm.json'
@@ -77,11 +79,33 @@ def _answer_words(tok, words, directory):
   return kept
 
 
+def _abstract(cfg):
+  """(graphdef, {'/'-joined param path: shape}) of the InternVL of `cfg`, allocating nothing."""
+  with nnx.use_eager_sharding(False):
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0))))
+  flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
+  return graphdef, {'/'.join(str(getattr(k, 'key', k)) for k in p): tuple(x.shape)
+                    for p, x in flat}
+
+
 def _graphdef(cfg):
   """The InternVL graphdef of `cfg`, without allocating params."""
-  with nnx.use_eager_sharding(False):
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0))))
-  return graphdef
+  return _abstract(cfg)[0]
+
+
+def _check_tensors(path: str, tensors: dict[str, np.ndarray], expected: dict[str, tuple]) -> None:
+  """One line naming the missing, unexpected and mis-shaped tensors of `path` (first 5 each)."""
+  def names(keys):
+    keys = sorted(keys)
+    return ', '.join(keys[:5]) + (f' (+{len(keys) - 5} more)' if len(keys) > 5 else '')
+  missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
+  shapes = [f'{k} {tuple(tensors[k].shape)} (the config needs {expected[k]})'
+            for k in sorted(set(expected) & set(tensors)) if tuple(tensors[k].shape) != expected[k]]
+  problems = ([f'missing tensors {names(missing)}'] if missing else []) + (
+      [f'unexpected tensors {names(extra)}'] if extra else []) + (
+      [f'mis-shaped {names(shapes)}'] if shapes else [])
+  if problems:
+    raise ValueError(f'{path}: does not match {CONFIG_FILE}: {"; ".join(problems)}.')
 
 
 def place_params(cfg, params, placement):
@@ -128,30 +152,32 @@ def load_vlm_parts(directory: str, placement=None, **overrides):
   reward saved by the vlm_reward trainer (vlm.json), or a pretrained transformers InternVL
   directory (config.json; `load_pretrained_parts`). `placement` = (mesh, rules) shards the
   params by their logical names (else host arrays); `overrides` set VLMConfig fields (dtype)."""
-  import tokenizers  # pylint: disable=import-outside-toplevel
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
     if os.path.isfile(os.path.join(directory, 'config.json')):
       return load_pretrained_parts(directory, placement, **overrides)
     raise FileNotFoundError(f'{path}: not a saved VLM reward directory (nor a transformers '
                             'InternVL directory with a config.json).')
-  with open(path, encoding='utf-8') as f:
-    meta = json.load(f)
+  meta = json_file.read(path)
+  absent = sorted({'vlm', 'tiles', 'prompters'} - set(meta))
+  if absent:
+    raise ValueError(f'{path}: no {", ".join(absent)} entry (not written by save_vlm_reward).')
   vcfg = dict(meta['vlm'])
   vcfg.update(overrides)
   cfg = vlm_config(vcfg)
   tiles = meta['tiles']
   tile_spec = vlm_yes.TileSpec(**{k: tuple(v) if isinstance(v, list) else v
                                   for k, v in tiles.items()})
-  tok = tokenizers.Tokenizer.from_file(os.path.join(directory, TOKENIZER_FILE))
+  tok = tokenizer_lib.load_tokenizer(os.path.join(directory, TOKENIZER_FILE))
   n_tiles = tile_spec(np.zeros((1, tile_spec.size, tile_spec.size, 1), np.float32)).shape[1]
   prompters = {mode: vlm_yes.Prompter(tokenizer=tok, mode=mode, image_token_id=cfg.image_token_id,
                                       tokens_per_image=n_tiles * cfg.tokens_per_tile, **p)
                for mode, p in meta['prompters'].items()}
-  graphdef = _graphdef(cfg)
-  params = _unflatten(load_file(os.path.join(directory, PARAMS_FILE)))
+  graphdef, expected = _abstract(cfg)
+  params_path = os.path.join(directory, PARAMS_FILE)
+  tensors = safetensors_io.read_all(params_path)
+  _check_tensors(params_path, tensors, expected)
+  params = _unflatten(tensors)
   return graphdef, place_params(cfg, params, placement), cfg, tok, prompters, tile_spec
 
 

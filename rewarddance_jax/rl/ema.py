@@ -6,8 +6,8 @@
   with better visualization"; DG:scripts/finetune/*.sh). Our default (§10 #13): d = 0.995 per step,
   used for evaluation and checkpoints.
 - Flow-GRPO (FG:flow_grpo/ema.py ``EMAModuleWrapper``): updated every 8 steps with the warm-up decay
-  d(s) = min((1 + s)/(10 + s), 0.9) (``flow_grpo_ema_decay``), so early averages forget the random
-  start quickly ("affects the previous 20×8 = 160 steps").
+  d(s) = min((1 + s)/(10 + s), 0.9), so early averages forget the random start quickly ("affects
+  the previous 20×8 = 160 steps"); not built in: every trainer uses a constant `ema_decay`.
 """
 
 from __future__ import annotations
@@ -36,8 +36,3 @@ def ema_update(ema_params: Any, params: Any, decay: Any) -> Any:
 
   return jax.tree.map(update, ema_params, params)
 
-
-def flow_grpo_ema_decay(step: Any, max_decay: float = 0.9) -> jax.Array:
-  """min((1 + s)/(10 + s), max_decay) as a float32 scalar (FG:flow_grpo/ema.py); jit-able in s."""
-  step = jnp.asarray(step, jnp.float32)
-  return jnp.minimum((1.0 + step) / (10.0 + step), jnp.float32(max_decay))

@@ -56,7 +56,8 @@ class TimestepSelection:
     if self.kind not in SELECTIONS:
       raise ValueError(f'timestep selection {self.kind!r} is not one of {SELECTIONS}.')
     if self.num_steps < 2:
-      raise ValueError(f'GRPO needs a rollout of at least 2 steps, got num_steps={self.num_steps}.')
+      raise ValueError(f'grpo.num_steps={self.num_steps} must be >= 2 (a GRPO rollout of at least 2 '
+                       'steps).')
     if self.num_trained < 1:
       raise ValueError(f'timestep selection {self.kind!r} trains no step with num_steps='
                        f'{self.num_steps}, fraction={self.fraction}, window={self.window}.')

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 from rewarddance_jax.families.digits import LATENT_SHAPE
 from rewarddance_jax.parallel import sharding as sharding_lib
-from rewarddance_jax.scan.step import AbstractStep, batch_leaf, key_struct, tree_size
+from rewarddance_jax.parallel.trees import count_params
+from rewarddance_jax.scan.step import AbstractStep, batch_leaf, key_struct
 from rewarddance_jax.train import common, flow as flow_trainer
 
 
@@ -44,5 +45,5 @@ def abstract_flow_train_step(config, mesh) -> AbstractStep:
   p = gen_cfg.patch_size
   tokens = b * ((h // p) * (w // p) + text_len)
   return AbstractStep(jitted=jitted, args=(train_state, batch, key_struct(mesh)), mesh=mesh,
-                      rules=rules, num_params=tree_size(params), tokens=tokens,
+                      rules=rules, num_params=count_params(params), tokens=tokens,
                       flops_per_param_token=6)

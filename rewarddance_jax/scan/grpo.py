@@ -52,11 +52,11 @@ from rewarddance_jax.families.base import IDENTITY_CODEC
 from rewarddance_jax.models.vae import VAE_PRESETS, AutoencoderKL
 from rewarddance_jax.models.vlm import InternVL, vlm_config
 from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.parallel.trees import count_params
 from rewarddance_jax.rewards import base, registry
 from rewarddance_jax.rewards.vlm_losses import yes_probability
 from rewarddance_jax.rewards.vlm_yes import TileSpec, answer_logits, vlm_tiles
-from rewarddance_jax.scan.step import (AbstractStep, abstract_model, batch_leaf, key_struct,
-                                       tree_size)
+from rewarddance_jax.scan.step import AbstractStep, abstract_model, batch_leaf, key_struct
 from rewarddance_jax.train import common, grpo_step
 from rewarddance_jax.train import grpo as grpo_trainer
 
@@ -73,8 +73,8 @@ def vlm_reward_flops(vlm_cfg, params, max_len: int) -> float:
   grid = vlm_cfg.vision.grid
   lm = {k: v for k, v in model['lm'].items() if k != 'embed'}
   head = model.get('lm_head') or model['lm']['embed']
-  return 2.0 * (tree_size(model['vision']) * (grid * grid + 1) + tree_size(model['projector'])
-                * vlm_cfg.tokens_per_tile + tree_size(lm) * max_len + tree_size(head))
+  return 2.0 * (count_params(model['vision']) * (grid * grid + 1) + count_params(model['projector'])
+                * vlm_cfg.tokens_per_tile + count_params(lm) * max_len + count_params(head))
 
 
 def stand_in_pixels(latents: jax.Array, factor: int) -> jax.Array:
@@ -292,7 +292,7 @@ def abstract_reward_step(config, mesh) -> AbstractStep:
 
   with common.mesh_context(mesh, rules):
     jitted = jax.jit(forward)
-  num_params = tree_size(rewards)
+  num_params = count_params(rewards)
   resident = None
   if 'grpo' in config:   # inside a GRPO iteration: the policy and the trajectory stay resident
     pol = abstract_policy(config, mesh, rules)

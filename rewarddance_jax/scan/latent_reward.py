@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 from rewarddance_jax import families
 from rewarddance_jax.parallel import sharding as sharding_lib
-from rewarddance_jax.scan.step import AbstractStep, batch_leaf, key_struct, tree_size
+from rewarddance_jax.parallel.trees import count_params
+from rewarddance_jax.scan.step import AbstractStep, batch_leaf, key_struct
 from rewarddance_jax.train import common
 from rewarddance_jax.train import latent_reward as latent_trainer
 
@@ -58,7 +59,7 @@ def abstract_latent_reward_step(config, mesh) -> AbstractStep:
   with common.mesh_context(mesh, rules):
     jitted = jax.jit(step, in_shardings=(shardings, None, None),
                      out_shardings=(shardings, None), donate_argnums=(0,))
-  num_params = tree_size(base)
+  num_params = count_params(base)
   s = (latent[0] // patch) * (latent[1] // patch) + text_len
   return AbstractStep(jitted=jitted, args=(state, batch, key_struct(mesh)), mesh=mesh, rules=rules,
                       num_params=num_params, tokens=2 * b * s, flops_per_param_token=6)

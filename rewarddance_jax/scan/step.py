@@ -4,7 +4,7 @@
 and the arrays resident on the chips beside it; `compile_report()` compiles it (parallel/aot.py).
 Helpers: `abstract(tree, shardings)` pairs shapes with shardings, `abstract_model(factory, ...)`
 builds a module's abstract params, `batch_leaf` / `key_struct` a data-sharded batch leaf and a
-replicated PRNG key, `tree_size` and `per_chip_bytes` count elements and one chip's bytes.
+replicated PRNG key, `per_chip_bytes` one chip's bytes (elements: `parallel.trees.count_params`).
 """
 
 from __future__ import annotations
@@ -63,11 +63,6 @@ def abstract(tree, shardings):
   """`tree`'s leaves as `ShapeDtypeStruct`s with the matching leaves of `shardings`."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
-
-
-def tree_size(tree) -> int:
-  """Elements in the leaves of `tree`."""
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def abstract_model(factory, mesh, rules):

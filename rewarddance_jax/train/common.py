@@ -21,6 +21,7 @@ from flax import nnx
 
 from rewarddance_jax import families
 from rewarddance_jax.parallel import mesh as mesh_lib
+from rewarddance_jax.parallel import rng as rng_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 
 
@@ -45,17 +46,19 @@ def build_generator(config, mesh, rules, seed: int | None = None, *, abstract: b
   return families.from_config(config).init(mesh, rules, int(seed), abstract=abstract)
 
 
-def restore_generator(directory: str, params, shardings, *, use_ema: bool = False):
-  """The newest generator params saved by a trainer under `directory/checkpoints`, restored
-  straight into `shardings` (any mesh). `use_ema` takes the EMA params when the run kept them.
-  A GRPO run with LoRA (`grpo.lora.rank > 0`) saved only the LoRA: it is merged into its base,
-  the generator of the run's `init.generator` (restored the same way)."""
+def restore_generator(directory: str, params, shardings, *, use_ema: bool = False,
+                      step: int | None = None):
+  """The generator params saved by a trainer under `directory/checkpoints` (the newest, or
+  `step`), restored straight into `shardings` (any mesh). `use_ema` takes the EMA params when
+  the run kept them. A GRPO run with LoRA (`grpo.lora.rank > 0`) saved only the LoRA: it is
+  merged into its base, the generator of the run's `init.generator` (restored the same way) or
+  its public weights (`init.weights.src`)."""
   from rewarddance_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   path = os.path.join(directory, 'checkpoints')
   if not os.path.isdir(path):
     raise FileNotFoundError(f'no generator checkpoints at {path} (config.init.generator).')
   with ckpt_lib.Checkpointer(path, max_to_keep=None, async_save=False) as ckpt:
-    step = ckpt.latest_step()
+    step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no finished checkpoint step in {path} (config.init.generator).')
     item = 'params'
@@ -73,10 +76,20 @@ def restore_generator(directory: str, params, shardings, *, use_ema: bool = Fals
     lcfg = grpo_step.LoRAConfig(**lora)
     init = run_cfg.get('init') or {}
     base_dir = init.get('generator', '')
-    if not base_dir:
-      raise ValueError(f'{directory}: a LoRA run without config.init.generator; its base (a '
-                       'fresh initialisation) is not saved, so it cannot be restored.')
-    base = restore_generator(base_dir, params, shardings, use_ema=bool(init.get('use_ema')))
+    if base_dir:
+      base = restore_generator(base_dir, params, shardings, use_ema=bool(init.get('use_ema')))
+    elif (init.get('weights') or {}).get('src'):
+      import ml_collections  # pylint: disable=import-outside-toplevel
+      mesh = jax.tree.leaves(shardings)[0].mesh
+      rules = sharding_lib.rules_from_config(run_cfg['sharding_rules'])
+      _, base, _, _ = families.from_config(ml_collections.ConfigDict(run_cfg)).load(
+          mesh, rules, progress=False)
+    else:
+      raise ValueError(f'{directory}: a LoRA run without config.init.generator or '
+                       'init.weights.src; its base (a fresh initialisation) is not saved, so it '
+                       'cannot be restored.')
+    dtype = jax.numpy.dtype(lcfg.base_dtype)   # the base as the run trained on it
+    base = jax.tree.map(lambda a: a.astype(dtype), base)
     make = lambda p: lora_lib.init_lora(p, rank=lcfg.rank, alpha=lcfg.alpha,  # pylint: disable=unnecessary-lambda-assignment
                                         targets=lcfg.targets, key=jax.random.key(0))
     abstract = jax.eval_shape(make, base)
@@ -165,6 +178,6 @@ def run_loop(config, workdir: str, *, desc: str, state, shardings, step_fn, data
   return loop_lib.run(
       workdir=workdir, loop=loop_lib.LoopConfig.from_config(config, desc=desc), state=state,
       state_shardings=shardings, step_fn=step_fn, data_iter=data_iter, to_device=to_device,
-      key=jax.random.key(int(config.seed)), mesh=mesh, hooks=hooks, config_json=config.to_dict(),
+      key=rng_lib.key(config.seed, 'loop'), mesh=mesh, hooks=hooks, config_json=config.to_dict(),
       context=lambda: mesh_context(mesh, rules), consts=consts,
       step_key=step_cache_key(config, mesh))

@@ -8,7 +8,8 @@
   3. `write_samples(dir, name, ...)` writes `<name>.npz` (the samples format of data/samples.py)
      and `<name>.png` (a grid, one row per digit).
   4. `make_judge_hook(...)`: the loop hook every digits trainer uses (samples + judge accuracy).
-  5. `search_digits(...)`: best-of-N / Search over Paths on the digit prompts with a verifier.
+  5. `search_prompts(...)`: best-of-N / Search over Paths on any family's prompts with a
+     verifier; `search_digits` on the digit prompts.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from rewarddance_jax import metrics as metrics_lib
 from rewarddance_jax.data import digits
 from rewarddance_jax.data import samples as samples_lib
 from rewarddance_jax.data import tokenizer as tokenizer_lib
+from rewarddance_jax.families.base import Guidance, guided_velocity
 from rewarddance_jax.flow import rollout as rollout_lib
 from rewarddance_jax.flow import schedules, search
+from rewarddance_jax.parallel import rng as rng_lib
 
 
 def velocity_fn(graphdef, params, cond: dict, guidance=None):
@@ -55,30 +58,43 @@ def digit_prompts(per_class: int) -> tuple[list[str], np.ndarray]:
   return [digits.prompt_for_label(int(l)) for l in labels], labels
 
 
-def make_sampler(graphdef, sampler_cfg, image_shape: tuple[int, ...]):
-  """A jitted `(params, tokens, mask, key) -> images in [0, 1]` for the configured sampler.
+def make_sampler(graphdef, sampler_cfg, image_shape: tuple[int, ...], guidance=Guidance()):
+  """A jitted `(params, tokens, mask, key) -> images in [0, 1]` for the configured sampler
+  (token conditioning, identity codec); `make_cond_sampler` is the general form.
 
   Params are an argument, so one compiled sampler serves every checkpoint of a model: equal
   (graphdef, schedule, kind, noise level, shape) return the same jitted function (the pipeline's
   evaluation samples six stages of one generator and compiles once)."""
-  return _sampler(graphdef, tuple(float(s) for s in sampler_sigmas(sampler_cfg)),
+  return _token_sampler(make_cond_sampler(graphdef, sampler_cfg, image_shape, guidance))
+
+
+@functools.lru_cache(maxsize=8)
+def _token_sampler(sample):
+  return jax.jit(lambda params, tokens, mask, key: to_unit(
+      sample(params, {'tokens': tokens, 'mask': mask}, key)))
+
+
+def make_cond_sampler(graphdef, sampler_cfg, image_shape: tuple[int, ...], guidance=Guidance()):
+  """A jitted `(params, cond, key) -> x̂0 latents` of the configured sampler for any family:
+  `cond` as the family's batches hold it (`GeneratorFamily.host_batch`), the guided velocity."""
+  return _sampler(graphdef, guidance, tuple(float(s) for s in sampler_sigmas(sampler_cfg)),
                   str(sampler_cfg.get('kind', 'ode')),
                   float(sampler_cfg.get('noise_level', 0.0)), tuple(image_shape))
 
 
 @functools.lru_cache(maxsize=8)
-def _sampler(graphdef, sigmas_tuple, kind, noise_level, image_shape):
+def _sampler(graphdef, guidance, sigmas_tuple, kind, noise_level, image_shape):
   sigmas = jnp.asarray(np.asarray(sigmas_tuple, np.float32))
+  velocity = guided_velocity(graphdef, guidance)
 
   @jax.jit
-  def sample(params, tokens, mask, key):
-    cond = {'tokens': tokens, 'mask': mask}
-    x_init = rollout_lib.initial_noise(jax.random.fold_in(key, 0),
-                                       (tokens.shape[0],) + tuple(image_shape))
-    traj = rollout_lib.rollout(velocity_fn(graphdef, params, cond), x_init, sigmas,
+  def sample(params, cond, key):
+    b = jax.tree.leaves(cond)[0].shape[0]
+    x_init = rollout_lib.initial_noise(jax.random.fold_in(key, 0), (b,) + tuple(image_shape))
+    traj = rollout_lib.rollout(lambda x, s: velocity(params, x, s, cond), x_init, sigmas,
                                jax.random.fold_in(key, 1), kind=kind, noise_level=noise_level,
                                keep_steps=())
-    return to_unit(traj.x0_hat)
+    return traj.x0_hat
 
   return sample
 
@@ -101,21 +117,25 @@ def write_samples(directory: str, name: str, images: np.ndarray, labels: np.ndar
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, f'{name}.npz')
   samples_lib.save_samples(path, images, labels, prompts)
-  grid = metrics_lib.image_grid(images, ncols=ncols or max(1, len(images) // 10))
-  metrics_lib.save_png(os.path.join(directory, f'{name}.png'), grid)
+  metrics_lib.save_png(os.path.join(directory, f'{name}.png'), sample_grid(images, ncols))
   return path
+
+
+def sample_grid(images: np.ndarray, ncols: int | None = None) -> np.ndarray:
+  """The uint8 grid of `write_samples`' PNG (default: ten rows, one per digit prompt)."""
+  return metrics_lib.image_grid(images, ncols=ncols or max(1, len(images) // 10))
 
 
 def make_judge_hook(config, graphdef, tok, workdir: str, image_shape: tuple[int, ...],
                     params_item: str = 'params', extra=None):
   """A loop hook `(state, step) -> metrics`: ODE samples of the ten digit prompts from a fixed key
-  (`state['ema']` if present, else `state[params_item]`) → `samples/samples_<step>.npz/.png`, and
-  the independent judge's prompt-alignment accuracy. `extra(images, labels, tokens, mask) -> dict`
+  (`state['ema']` if present, else `state[params_item]`) → `samples/samples_<step>.npz/.png` and
+  the grid as the image metric 'samples', and the independent judge's prompt-alignment accuracy. `extra(images, labels, tokens, mask) -> dict`
   adds metrics (tokens/mask: the prompts as the generator saw them, for latent rewards that run
   the generator's own blocks).
   """
   sample_fn = make_sampler(graphdef, config.sampler, image_shape)
-  sample_key = jax.random.key(int(config.seed) + 1)
+  sample_key = rng_lib.key(config.seed, 'judge_samples')
   max_len = int(config.data.max_text_len)
 
   @functools.cache
@@ -130,7 +150,7 @@ def make_judge_hook(config, graphdef, tok, workdir: str, image_shape: tuple[int,
                                             max_len=max_len, key=sample_key)
     if jax.process_index() == 0:   # every host holds the same samples
       write_samples(os.path.join(workdir, 'samples'), f'samples_{step}', images, labels, prompts)
-    out = {'judge_accuracy': judge().accuracy(images, labels)}
+    out = {'judge_accuracy': judge().accuracy(images, labels), 'samples': sample_grid(images)}
     if extra is not None:
       tokens, mask = tokenizer_lib.encode_prompts(tok, prompts, max_len)
       out.update(extra(images, labels, tokens, mask))
@@ -140,39 +160,87 @@ def make_judge_hook(config, graphdef, tok, workdir: str, image_shape: tuple[int,
   return hook
 
 
+def search_prompts(velocity, params, cond: dict, sampler_cfg, verifier, *, image_shape,
+                   key: jax.Array, method: str, n: int = 4, m: int = 2, delta_f: float = 0.1,
+                   every: int = 1):
+  """Inference-time search over P prompts with a verifier (flow/search.py), any family.
+
+  `cond`: numpy conditioning, one row per prompt; `velocity(params, x, σ, cond)` the family's
+  guided generator; `verifier(x̂0 (R, ...)) -> (R,)` scores rows in prompt-major order. method
+  'sop' is Search over Paths (N beams, M re-noisings, Δf, every `every` grid steps), 'bon'
+  best-of-n. Returns the `SearchResult` (x0 (P, ...), scores, model calls per image).
+  """
+  sigmas = sampler_sigmas(sampler_cfg)
+  fn = jax.jit(lambda x, s, c: velocity(params, x, s, c))
+  rows = len(next(iter(cond.values())))
+
+  def velocity_for(reps):
+    c = {k: jnp.asarray(np.repeat(v, reps, 0)) for k, v in cond.items()}
+    return lambda x, s: fn(x, s, c)
+
+  x_init = rollout_lib.initial_noise(key, (rows * n,) + tuple(image_shape))
+  if method == 'sop':
+    return search.search_over_paths(lambda reps: velocity_for(n * reps), x_init, sigmas,
+                                    verifier, jax.random.fold_in(key, 1), n=n, m=m,
+                                    delta_f=delta_f, every=every)
+  if method == 'bon':
+    return search.best_of_n(velocity_for(n), x_init, jnp.asarray(sigmas), verifier, n)
+  raise ValueError(f'search method {method!r} is not one of (bon, sop).')
+
+
 def search_digits(graphdef, params, tok, sampler_cfg, score, *, per_class: int, max_len: int,
                   key: jax.Array, method: str, n: int = 4, m: int = 2, delta_f: float = 0.1,
                   every: int = 1, image_shape: tuple[int, ...] = (16, 16, 1)):
-  """Inference-time search over the ten digit prompts with a verifier (flow/search.py).
-
-  `score(images in [0, 1], labels) -> (R,)` is the verifier. method 'sop' is Search over Paths
-  (N beams, M re-noisings, Δf, every `every` grid steps); 'bon' is best-of-n. Returns
-  (images, labels, prompts, model calls per image).
-  """
+  """`search` over the ten digit prompts; `score(images in [0, 1], labels) -> (R,)` is the
+  verifier. Returns (images, labels, prompts, model calls per image)."""
   prompts, labels = digit_prompts(per_class)
   tokens, mask = tokenizer_lib.encode_prompts(tok, prompts, max_len)
-  sigmas = sampler_sigmas(sampler_cfg)
-  fn = jax.jit(lambda x, s, c: velocity_fn(graphdef, params, c)(x, s))
-
-  def velocity_for(reps):
-    cond = {'tokens': jnp.asarray(np.repeat(tokens, reps, 0)),
-            'mask': jnp.asarray(np.repeat(mask, reps, 0))}
-    return lambda x, s: fn(x, s, cond)
 
   def verifier(x0):
     lab = np.repeat(labels, x0.shape[0] // len(labels))
     return jnp.asarray(score(np.asarray(to_unit(x0)), lab))
 
-  x_init = rollout_lib.initial_noise(key, (len(prompts) * n,) + tuple(image_shape))
-  if method == 'sop':
-    res = search.search_over_paths(lambda reps: velocity_for(n * reps), x_init, sigmas, verifier,
-                                   jax.random.fold_in(key, 1), n=n, m=m, delta_f=delta_f,
-                                   every=every)
-  elif method == 'bon':
-    res = search.best_of_n(velocity_for(n), x_init, jnp.asarray(sigmas), verifier, n)
-  else:
-    raise ValueError(f'search method {method!r} is not one of (bon, sop).')
+  res = search_prompts(lambda p, x, s, c: velocity_fn(graphdef, p, c)(x, s), params,
+                       {'tokens': tokens, 'mask': mask}, sampler_cfg, verifier,
+                       image_shape=image_shape, key=key, method=method, n=n, m=m,
+                       delta_f=delta_f, every=every)
   return np.asarray(to_unit(res.x0), np.float32), labels, prompts, int(res.model_calls)
+
+
+def sample_family(fam, graphdef, params, codec, sampler_cfg, *, prompts_dir: str,
+                  count: int, key: jax.Array, search_method: str = 'none', verifier=None,
+                  **search_kw):
+  """Samples the first `count` prompts of an encoded-prompts directory with the family's
+  guided velocity, decoded by its codec: (images in [0, 1], prompt ids, prompts, model calls).
+  With `search_method` bon | sop each image is the verifier's pick (`search_prompts`);
+  `verifier` is a WeightedRewards scoring {'latents', 'pixels'} against the rows' 'ids'."""
+  from rewarddance_jax.weights import text_pipeline  # pylint: disable=import-outside-toplevel
+  encoded = text_pipeline.EncodedPrompts(prompts_dir)
+  ids = np.arange(min(int(count), len(encoded)), dtype=np.int32)
+  if not len(ids):
+    raise ValueError(f'{prompts_dir}: no prompts to sample (count={count}).')
+  cond = fam.with_negative(encoded[list(ids)])
+  decode = jax.jit(codec.decode)
+  if search_method == 'none':
+    sample = make_cond_sampler(graphdef, sampler_cfg, fam.latent_shape, fam.guidance)
+    x0 = sample(params, jax.tree.map(jnp.asarray, cond), key)
+    calls = int(sampler_cfg.num_steps)
+  else:
+    if verifier is None:
+      raise ValueError('search needs a verifier reward.')
+    score = jax.jit(lambda r, x0, batch: r.total(
+        {'latents': x0, 'pixels': codec.decode(x0, codec.params)}, batch, jax.random.key(0)))
+
+    def verify(x0):
+      batch = {'ids': jnp.asarray(np.repeat(ids, x0.shape[0] // len(ids)))}
+      return score(verifier, x0, batch)
+
+    res = search_prompts(fam.velocity(graphdef), params, cond, sampler_cfg, verify,
+                         image_shape=fam.latent_shape, key=key, method=search_method,
+                         **search_kw)
+    x0, calls = res.x0, int(res.model_calls)
+  images = np.asarray(jax.device_get(decode(x0, codec.params)), np.float32)
+  return images, ids, [encoded.prompts[i] for i in ids], calls
 
 
 def judge_hooks(config, graphdef, tok, workdir: str, image_shape: tuple[int, ...], rewards=None):

@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rewarddance_jax import families
 from rewarddance_jax.data import digits, label_table, prompts as prompts_lib
 from rewarddance_jax.nn import lora as lora_lib
+from rewarddance_jax.parallel import rng as rng_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 from rewarddance_jax.rewards import registry
 from rewarddance_jax.train import common, generate, grpo_step, loop as loop_lib, optim
@@ -120,7 +121,7 @@ def build_policy(config, mesh, rules, *, abstract: bool = False) -> Policy:
   if gcfg.lora.rank:   # the base is a const (never donated), so it is also the KL reference
     base = lora_base(params, pshard, gcfg.lora, abstract=abstract)
     trainable, tshard = init_lora(gcfg.lora, params, pshard,
-                                  jax.random.key(int(config.seed) + 3), abstract=abstract)
+                                  rng_lib.key(config.seed, 'lora_init'), abstract=abstract)
   if gcfg.kl_beta > 0:
     ref = base if base is not None else sharding_lib.materialize(
         lambda p: jax.tree.map(jnp.copy, p), params, out_shardings=pshard, abstract=abstract)

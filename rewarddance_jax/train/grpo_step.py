@@ -147,7 +147,8 @@ class GRPOConfig:
       raise ValueError(f'grpo.kl_beta > 0 needs step_kind in {kl_lib.VELOCITY_KL_KINDS}, got '
                        f'{self.step_kind!r}.')
     if self.selection.num_steps != self.num_steps:
-      raise ValueError('grpo.selection.num_steps must equal grpo.num_steps.')
+      raise ValueError(f'grpo.selection.num_steps={self.selection.num_steps} must equal '
+                       f'grpo.num_steps={self.num_steps}.')
     extremes.check_keep(self.group_size, self.best_of)
 
   @classmethod

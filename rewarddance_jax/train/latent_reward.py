@@ -38,8 +38,9 @@ from rewarddance_jax.data import pairs as pairs_lib
 from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.flow import matching
 from rewarddance_jax.models.backbone import Backbone, cond_from_batch
-from rewarddance_jax.nn import lora as lora_lib
+from rewarddance_jax.parallel import rng as rng_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.parallel.trees import count_params
 from rewarddance_jax.rewards import latent as latent_lib
 from rewarddance_jax.rewards import process as process_lib
 from rewarddance_jax.rewards import thurstone as thurstone_lib
@@ -196,7 +197,7 @@ def make_evaluator(config, backbone: Backbone, head_gd, eval_batch: dict, mesh, 
   ens = tuple(float(s) for s in config.reward.get('ensemble_sigmas',
                                                   thurstone_lib.DEFAULT_ENSEMBLE))
   batch = sharding_lib.host_to_global({k: eval_batch[k] for k in _BATCH_KEYS}, mesh, rules)
-  key = jax.random.key(int(config.seed) + 7)
+  key = rng_lib.key(config.seed, 'eval_noise')
 
   @jax.jit
   def at_sigma(params, base, batch, sigma):
@@ -268,7 +269,7 @@ def build_state(config, mesh, rules, *, abstract: bool = False):
   backbone = latent_lib.make_backbone(config)
   base, base_shard = load_base(config, backbone, mesh, rules, abstract=abstract)
   hcfg = latent_lib.head_config(config, backbone)
-  head_factory = latent_lib.head_factory(config, hcfg, int(config.seed) + 1)
+  head_factory = latent_lib.head_factory(config, hcfg, rng_lib.key(config.seed, 'head_init'))
   if abstract:
     head_gd, (head,), (head_shard,) = sharding_lib.sharded_abstract(head_factory, mesh, rules)
   else:
@@ -276,7 +277,7 @@ def build_state(config, mesh, rules, *, abstract: bool = False):
   lora_shard = backbone.lora_shardings(jax.eval_shape(lambda b: backbone.init_lora(
       b, jax.random.key(0)), base), base_shard)
   lora = sharding_lib.materialize(
-      lambda b: backbone.init_lora(b, jax.random.key(int(config.seed) + 2)), base,
+      lambda b: backbone.init_lora(b, rng_lib.key(config.seed, 'lora_init')), base,
       out_shardings=lora_shard, abstract=abstract)
   params, pshard = {'lora': lora, 'head': head}, {'lora': lora_shard, 'head': head_shard}
   tx = optim.make_optimizer(config.optax)
@@ -291,13 +292,12 @@ def train(config, workdir: str) -> dict:
   mesh, rules = common.setup_mesh(config)
   backbone, head_gd, state, shardings, tx = build_state(config, mesh, rules)
   logging.info('Latent reward %s: trainable LoRA %d + head %d params; frozen base %d params.',
-               config.reward.kind, lora_lib.count_params(state['params']['lora']),
-               lora_lib.count_params(state['params']['head']),
-               lora_lib.count_params(state['base']))
+               config.reward.kind, count_params(state['params']['lora']),
+               count_params(state['params']['head']), count_params(state['base']))
   tok = _tokenizer(config, workdir)
   data_iter = make_pairs(config, tok, 'train', int(config.pairs.batch_size), int(config.seed))
   eval_batch = next(make_pairs(config, tok, 'heldout', int(config.eval.num_pairs),
-                               int(config.seed) + 1))
+                               rng_lib.seed_for(config.seed, 'heldout_pairs')))
   evaluate = make_evaluator(config, backbone, head_gd, eval_batch, mesh, rules)
 
   def to_device(batch):

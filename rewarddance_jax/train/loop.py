@@ -14,17 +14,22 @@ pytrees (`params`, `opt_state`, optional `ema`, ...), the state's shardings, a d
   2. resumes from the newest checkpoint in `workdir/checkpoints` if there is one: state (onto the
      current mesh, whatever mesh saved it), the step, the base key and the data-iterator state,
      so a resumed run continues the same key stream and batches (bitwise-identical losses).
+     A corrupt checkpoint is set aside with a warning and the previous one restored instead.
      First it compares the config saved with that checkpoint to the current one, leaving out
      LOOP_ONLY_KEYS and LAYOUT_KEYS: a changed entry is refused with a one-line ValueError that
      lists each as `a.b: old -> new`, unless `resume_with_changes` (then it is logged and written
      to the metrics log as a `config_changes` line; later checkpoints hold the new config);
   3. per step: next host batch → global arrays → step with key fold_in(base_key, step);
-  4. every `log_every` steps: metrics to JSONL/TensorBoard and the progress bar (ETA);
+  4. every `log_every` steps: metrics to JSONL/TensorBoard and the progress bar (ETA); lines of
+     steps after the one it starts from (a resume, or 0) are dropped first, so a rerun never
+     duplicates them;
   5. halts with a one-line error naming the newest checkpoint after `max_nonfinite` consecutive
      skipped steps; every checkpoint is finite (1, and `Checkpointer.save` refuses otherwise);
   6. checkpoints every `ckpt_every` steps and at the end (async), keeping the newest `keep` (so
-     always the last); on SIGTERM it saves at the next step boundary and returns cleanly;
-  7. runs each hook `(every, fn(state, step))` when `step % every == 0` and at the end.
+     always the last); on SIGTERM it saves at the next step boundary, records the step in
+     `SIGTERM_STOPS` and returns cleanly (launch/train.py then exits with status 143);
+  7. runs each hook `(every, fn(state, step))` when `step % every == 0` and at the end; what a hook
+     returns is logged: scalars, and uint8 images (H, W[, C]) to TensorBoard.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from absl import logging
 from rewarddance_jax import checkpoint as ckpt_lib
 from rewarddance_jax import config_lib
 from rewarddance_jax import metrics as metrics_lib
+from rewarddance_jax.errors import InputError
 
 StepFn = Callable[[dict, Any, jax.Array], tuple[dict, dict]]
 Hook = tuple[int, Callable[[dict, int], dict | None]]
@@ -95,8 +101,8 @@ def _jit_split(split: SplitStep, state_shardings) -> Callable:
   return lambda s, b, k, consts=None: second(s, b, k, first(s, b, k, consts), consts)
 
 
-class NonFiniteError(RuntimeError):
-  """Raised after too many consecutive non-finite steps."""
+class NonFiniteError(InputError, RuntimeError):
+  """Raised after too many consecutive non-finite steps (a bad config value, most often)."""
 
 
 # Config entries that steer the loop, its hooks and checkpoints, never the step function: left
@@ -213,6 +219,39 @@ def _changed_config(ckpt: ckpt_lib.Checkpointer, step: int, config_json: dict | 
   return changes
 
 
+def _newest_intact(ckpt: ckpt_lib.Checkpointer, targets: dict, config_json: dict | None,
+                   loop: LoopConfig) -> tuple[int | None, str, dict | None]:
+  """(step, config changes, restored items) of the newest checkpoint that restores, or
+  (None, '', None). A corrupt one (`CheckpointError`) is set aside (`Checkpointer.set_aside`,
+  never deleted) with a one-line warning, and the next older one is tried; a changed config is
+  refused (`_changed_config`). With several processes a corrupt step is an error: each
+  process reads only its own shards, so they could disagree on which step is intact."""
+  for step in reversed(ckpt.all_steps()):
+    try:
+      changes = _changed_config(ckpt, step, config_json, loop)
+      return step, changes, ckpt.restore(step, arrays=targets, json=('data_iter',))
+    except ckpt_lib.CheckpointError as e:
+      if jax.process_count() > 1:
+        raise
+      moved = ckpt.set_aside(step)
+      logging.warning('%s; moved it to %s and trying the previous checkpoint.', e, moved)
+  return None, '', None
+
+
+# Steps at which a run in this process stopped for SIGTERM before its last step (the checkpoint
+# saved), newest last: launch/train.py exits with status 143 after such a run.
+SIGTERM_STOPS: list[int] = []
+
+
+def _write_hook_metrics(writer: metrics_lib.MetricWriter, step: int, values: dict) -> None:
+  images = {k: v for k, v in values.items() if np.ndim(v) >= 2}
+  for name, image in images.items():
+    writer.write_images(step, name, image)
+  scalars = {k: v for k, v in values.items() if k not in images}
+  if scalars:
+    writer.write_scalars(step, scalars)
+
+
 class _Sigterm:
   """Turns SIGTERM into a flag the loop checks between steps (the main thread only)."""
 
@@ -259,30 +298,28 @@ def run(*, workdir: str, loop: LoopConfig, state: dict, state_shardings: dict, s
   context = context or contextlib.nullcontext
   ckpt = ckpt_lib.Checkpointer(f'{workdir}/checkpoints', max_to_keep=loop.keep,
                                async_save=loop.async_save)
-  latest = ckpt.latest_step()
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  targets = {k: ckpt_lib.abstract_like(v, state_shardings[k]) for k, v in state.items()}
+  targets['meta'] = ckpt_lib.abstract_like(
+      {'step': np.int64(0), 'rng': np.asarray(jax.random.key_data(key))}, replicated)
   try:
-    changes = '' if latest is None else _changed_config(ckpt, latest, config_json, loop)
+    latest, changes, restored = _newest_intact(ckpt, targets, config_json, loop)
   except BaseException:
     ckpt.close()
     raise
   writer = metrics_lib.MetricWriter(workdir)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  key_data = jax.random.key_data(key)
   start = 0
   if latest is not None:
-    targets = {k: ckpt_lib.abstract_like(v, state_shardings[k]) for k, v in state.items()}
-    targets['meta'] = ckpt_lib.abstract_like(
-        {'step': np.int64(0), 'rng': np.asarray(key_data)}, replicated)
-    restored = ckpt.restore(latest, arrays=targets, json=('data_iter',))
     state = {k: restored[k] for k in state}
     start = int(restored['meta']['step'])
     key = jax.random.wrap_key_data(jnp.asarray(restored['meta']['rng']))
     data_iter.set_state(restored['data_iter'])
-    writer.truncate_after(start)
     logging.info('Resumed from %s at step %d.', ckpt.step_directory(latest), start)
-    if changes:
-      logging.warning('Resuming with a changed config (resume_with_changes): %s', changes)
-      writer.write_text(start, 'config_changes', changes)
+  # Also without a checkpoint: a run that died before its first one left lines of steps it redoes.
+  writer.truncate_after(start)
+  if changes:
+    logging.warning('Resuming with a changed config (resume_with_changes): %s', changes)
+    writer.write_text(start, 'config_changes', changes)
 
   if step_key is not None:
     leaves, treedef = jax.tree.flatten(state_shardings)
@@ -341,11 +378,12 @@ def run(*, workdir: str, loop: LoopConfig, state: dict, state_shardings: dict, s
             with context():
               extra = fn(state, step)
             if extra:
-              writer.write_scalars(step, extra)
+              _write_hook_metrics(writer, step, extra)
         if step % loop.ckpt_every == 0 or last or term.received:
           save(step)
-        if term.received:
+        if term.received and not last:
           logging.warning('Stopped by SIGTERM after step %d; checkpoint saved.', step)
+          SIGTERM_STOPS.append(step)
           break
       if pending is not None:
         process(*pending)

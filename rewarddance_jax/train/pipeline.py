@@ -7,8 +7,8 @@
   overrides  a nested dict merged into the stage config after it is built (placeholders allowed);
   replace    sections set wholesale (e.g. `rewards`), also with placeholders;
   needs      optional list of stages that must have run (checked before anything starts).
-Each stage runs its own trainer in `WORKDIR/<name>` with `config.seed + offset` (and the
-pipeline's `resume_with_changes`). A finished stage
+Each stage runs its own trainer in `WORKDIR/<name>` with the seed of its name's stream
+(`parallel.rng.seed_for(config.seed, name)`) and the pipeline's `resume_with_changes`. A finished stage
 leaves `DONE.json` (wall time, trainer result) and is skipped on the next run; an interrupted one
 resumes from its own checkpoints, so re-running the command picks up where it stopped. A stage
 stopped by SIGTERM (its trainer saves a checkpoint and returns before its last step) stops the
@@ -27,6 +27,8 @@ import os
 import time
 
 from absl import logging
+
+from rewarddance_jax.parallel import rng as rng_lib
 
 DONE = 'DONE.json'
 
@@ -107,7 +109,7 @@ def run_stages(config, workdir: str) -> dict[str, dict] | None:
       logging.info('[%d/%d] %s: done earlier (%.0f s), skipped.', index + 1, len(names), name,
                    records[name]['seconds'])
       continue
-    cfg = stage_config(config.stages[name], dirs, int(config.seed) + index)
+    cfg = stage_config(config.stages[name], dirs, rng_lib.seed_for(config.seed, name))
     cfg.resume_with_changes = bool(config.get('resume_with_changes', False))
     logging.info('[%d/%d] %s: trainer %s in %s', index + 1, len(names), name, cfg.trainer,
                  directory)
@@ -137,8 +139,8 @@ def train(config, workdir: str) -> dict:
   if records is None:
     return {'report': None}
   dirs = stage_dirs(config, workdir)
-  stages = [(name, stage_config(config.stages[name], dirs, int(config.seed) + index), dirs[name])
-            for index, name in enumerate(stage_names(config))]
+  stages = [(name, stage_config(config.stages[name], dirs, rng_lib.seed_for(config.seed, name)),
+             dirs[name]) for name in stage_names(config)]
   report = evaluate.evaluate_pipeline(config, workdir, records, stages,
                                       _fill(config.evaluate.reward.to_dict(), dirs))
   print(report['summary'], flush=True)

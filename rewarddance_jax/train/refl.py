@@ -43,6 +43,7 @@ from rewarddance_jax.data import label_table
 from rewarddance_jax.families.base import Guidance, cond_from_batch, guided_velocity
 from rewarddance_jax.data import samples as samples_lib
 from rewarddance_jax.flow import matching, schedules, steps
+from rewarddance_jax.parallel import rng as rng_lib
 from rewarddance_jax.rewards import registry
 from rewarddance_jax.rl import ema as ema_lib
 from rewarddance_jax.rl import refl as refl_lib
@@ -238,7 +239,7 @@ def build_reference(config, rcfg: ReFLConfig, workdir: str, graphdef, params, to
   sample_fn = generate.make_sampler(graphdef, config.sampler, shape)
   images, labels, prompts = generate.sample_digits(
       sample_fn, params, tok, per_class=n, max_len=int(config.data.max_text_len),
-      key=jax.random.key(int(config.seed) + 7))
+      key=rng_lib.key(config.seed, 'refl_reference'))
   entry = dict(config.rewards[reward_name])
   entry.pop('weight', None)
   reward = registry.build_rewards({reward_name: entry}).rewards[0]

@@ -53,7 +53,9 @@ from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.data import vlm_rationales
 from rewarddance_jax.models.vlm import InternVL
 from rewarddance_jax.models.vlm.config import vlm_config
+from rewarddance_jax.parallel import rng as rng_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
+from rewarddance_jax.parallel.trees import count_params
 from rewarddance_jax.rewards import vlm_export, vlm_losses, vlm_yes
 from rewarddance_jax.train import common, loop as loop_lib, optim, vlm_lora
 
@@ -297,29 +299,25 @@ def build_state(config, cfg, mesh, rules):
   'frozen'}, to_model(params, frozen) = the merged VLM params (train/vlm_lora.py).
   """
   graphdef, (params,), (pshard,) = sharding_lib.sharded_init(
-      lambda: InternVL(cfg, rngs=nnx.Rngs(int(config.seed))), mesh, rules)
-  logging.info('VLM reward model: %.3fM params.', _count(params) / 1e6)
+      lambda: InternVL(cfg, rngs=nnx.Rngs(rng_lib.key(config.seed, 'vlm_init'))), mesh, rules)
+  logging.info('VLM reward model: %.3fM params.', count_params(params) / 1e6)
   lora = vlm_lora.VLMLoRA.from_config(config.reward_model.get('lora'))
   state, shardings, to_model = {}, {}, None
   if lora is not None:
     tshard, fshard = lora.shardings(params, pshard)
-    key = jax.random.key(int(config.seed) + 2)
+    key = rng_lib.key(config.seed, 'lora_init')
     params, state['frozen'] = jax.jit(lambda p: lora.init(p, key), out_shardings=(tshard, fshard),
                                       donate_argnums=0)(params)
     pshard, shardings['frozen'] = tshard, fshard
     to_model = lora.model_params
     logging.info('LoRA rank %d on %s: %d trainable params (vision %s), %d frozen.', lora.rank,
-                 lora.targets, _count(params), 'trained' if lora.train_vision else 'frozen',
-                 _count(state['frozen']))
+                 lora.targets, count_params(params), 'trained' if lora.train_vision else 'frozen',
+                 count_params(state['frozen']))
   tx = optim.make_optimizer(config.optax)
   opt_shard = optim.opt_state_shardings(tx, params, pshard, mesh)
   state.update(params=params, opt_state=jax.jit(tx.init, out_shardings=opt_shard)(params))
   shardings.update(params=pshard, opt_state=opt_shard)
   return graphdef, state, shardings, tx, to_model
-
-
-def _count(tree) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def model_params_fn(to_model):
@@ -353,7 +351,8 @@ def train(config, workdir: str) -> dict:
 
   def eval_hook(st, step):
     params = model_params(st)
-    m = heldout_metrics(graphdef, params, prompters, tile_spec, seed=int(config.seed))
+    m = heldout_metrics(graphdef, params, prompters, tile_spec,
+                        seed=rng_lib.seed_for(config.seed, 'heldout_pairs'))
     logging.info('step %d held-out: %s', step, {k: round(v, 4) for k, v in m.items()})
     if step == int(config.total_steps):
       uses = {m: prompters[m] for m in ('pointwise', 'pairwise')}

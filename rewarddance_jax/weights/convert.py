@@ -18,7 +18,7 @@ from flax import nnx
 
 from rewarddance_jax import checkpoint as ckpt_lib
 from rewarddance_jax.models.generator import Generator, generator_config
-from rewarddance_jax.models.mmdit import param_count
+from rewarddance_jax.parallel.trees import count_params
 from rewarddance_jax.parallel import mesh as mesh_lib
 from rewarddance_jax.parallel.sharding import DEFAULT_RULES
 from rewarddance_jax.weights import cache, flux, loader, sd3, text, vae
@@ -62,7 +62,7 @@ def run(family: str, src: str | None = None, *, checkpoint: str | None = None,
       _, params = cache.load_model(spec, mesh, DEFAULT_RULES, progress=progress)
     summary['src'] = src
   jax.block_until_ready(params)
-  summary['params'] = param_count(params)
+  summary['params'] = count_params(params)
   summary['load_s'] = round(time.time() - start, 2)
   if export:
     kw = dict(dtype=export_dtype)

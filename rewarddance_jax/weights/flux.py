@@ -17,7 +17,6 @@ Layout facts (diffusers 0.42 `transformer_flux.py`):
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -25,7 +24,7 @@ from flax import nnx
 
 from rewarddance_jax.models.generator import Generator, GeneratorConfig
 from rewarddance_jax.models.mmdit import MMDiTConfig
-from rewarddance_jax.weights import cache, loader
+from rewarddance_jax.weights import cache, json_file, loader
 from rewarddance_jax.weights.spec import ModelSpec
 from rewarddance_jax.weights.keymap import (IDENTITY, LINEAR, LINEAR_SWAP_HALVES, SWAP_HALVES, Rule,
                                             expand_blocks)
@@ -147,11 +146,8 @@ def model_dir(path: str) -> str:
 
 
 def read_config(path: str) -> dict:
-  cfg_path = os.path.join(model_dir(path), 'config.json')
-  if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f'{cfg_path} not found (a diffusers transformer directory holds one).')
-  with open(cfg_path) as f:
-    return json.load(f)
+  return json_file.read(os.path.join(model_dir(path), 'config.json'),
+                        'a diffusers transformer directory holds one')
 
 
 def spec(path: str, **overrides) -> ModelSpec:

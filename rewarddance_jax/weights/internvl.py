@@ -19,13 +19,13 @@ Returns (VLMConfig, params pure dict) ready for `nnx.merge(graphdef, params)`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 
 import numpy as np
 
 from rewarddance_jax.models.vlm.config import VLMConfig, from_hf_dict
+from rewarddance_jax.weights import json_file, safetensors_io
 
 INDEX_FILE = 'model.safetensors.index.json'
 SINGLE_FILE = 'model.safetensors'
@@ -110,12 +110,9 @@ def _normalise(name: str) -> str:
 
 def read_safetensors(directory: str) -> dict[str, np.ndarray]:
   """All tensors of a checkpoint directory (single file or index + shards) as float32 numpy."""
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-
   index = os.path.join(directory, INDEX_FILE)
   if os.path.isfile(index):
-    with open(index, encoding='utf-8') as f:
-      weight_map = json.load(f).get('weight_map')
+    weight_map = json_file.read(index).get('weight_map')
     if not isinstance(weight_map, dict):
       raise ValueError(f'{index}: no "weight_map" object.')
     files = sorted(set(weight_map.values()))
@@ -129,18 +126,14 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
       raise FileNotFoundError(f'{path}: shard listed in {INDEX_FILE} is missing.')
     # 'flax' reads bf16 too (numpy has no bfloat16); convert to fp32 master weights.
-    with safe_open(path, framework='flax') as f:
+    with safetensors_io.open_file(path, framework='flax') as f:
       for key in f.keys():
         out[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
   return out
 
 
 def load_config(directory: str, **overrides) -> VLMConfig:
-  path = os.path.join(directory, 'config.json')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path}: config.json not found.')
-  with open(path, encoding='utf-8') as f:
-    return from_hf_dict(json.load(f), **overrides)
+  return from_hf_dict(json_file.read(os.path.join(directory, 'config.json')), **overrides)
 
 
 def convert(cfg: VLMConfig, tensors: dict[str, np.ndarray],

@@ -15,8 +15,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+
+from rewarddance_jax.weights import json_file
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,21 @@ class TensorInfo:
   file: str
   shape: tuple
   dtype: str
+
+
+def open_file(path: str, framework: str = 'numpy'):
+  """`safe_open(path)`; a file that is not safetensors (a garbled header, a truncated file)
+  raises one line naming it."""
+  try:
+    return safe_open(path, framework=framework)
+  except SafetensorError as e:
+    raise ValueError(f'{path}: not a readable safetensors file ({e}).') from None
+
+
+def read_all(path: str) -> dict[str, np.ndarray]:
+  """Every tensor of one safetensors file, as NumPy arrays."""
+  with open_file(path) as f:
+    return {key: f.get_tensor(key) for key in f.keys()}
 
 
 def _files_of(source: str, prefer: str | None = None) -> list[str]:
@@ -40,8 +57,7 @@ def _files_of(source: str, prefer: str | None = None) -> list[str]:
   if len(indexes) > 1:
     raise ValueError(f'{source} holds several index files {[os.path.basename(p) for p in indexes]}.')
   if indexes:
-    with open(indexes[0]) as f:
-      weight_map = json.load(f).get('weight_map')
+    weight_map = json_file.read(indexes[0]).get('weight_map')
     if not isinstance(weight_map, dict):
       raise ValueError(f'{indexes[0]} has no "weight_map" object.')
     files = sorted(set(weight_map.values()))
@@ -65,7 +81,7 @@ def index(source: str, prefer: str | None = None) -> dict[str, TensorInfo]:
   """{key: TensorInfo} from the headers of every file of `source` (no tensor data is read)."""
   out: dict[str, TensorInfo] = {}
   for path in _files_of(source, prefer):
-    with safe_open(path, framework='numpy') as f:
+    with open_file(path) as f:
       for key in f.keys():
         if key in out:
           raise ValueError(f'key {key} appears in both {out[key].file} and {path}.')
@@ -84,7 +100,7 @@ def stream(infos: Mapping[str, TensorInfo], wanted: Mapping[str, list]
   for key in wanted:
     by_file.setdefault(infos[key].file, []).append(key)
   for path in sorted(by_file):
-    with safe_open(path, framework='numpy') as f:
+    with open_file(path) as f:
       for key in sorted(by_file[path]):
         yield key, f.get_slice(key), wanted[key]
 

@@ -15,14 +15,13 @@ Layout facts (diffusers 0.42 `transformer_sd3.py`, `attention.py` JointTransform
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 from flax import nnx
 
 from rewarddance_jax.models.sd3 import SD3Config, SD3Generator
-from rewarddance_jax.weights import cache, loader
+from rewarddance_jax.weights import cache, json_file, loader
 from rewarddance_jax.weights.spec import ModelSpec
 from rewarddance_jax.weights.keymap import (IDENTITY, LINEAR, LINEAR_SWAP_HALVES, SWAP_HALVES, Rule,
                                             Transform)
@@ -154,11 +153,8 @@ def model_dir(path: str) -> str:
 
 
 def read_config(path: str) -> dict:
-  cfg_path = os.path.join(model_dir(path), 'config.json')
-  if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f'{cfg_path} not found (a diffusers transformer directory holds one).')
-  with open(cfg_path) as f:
-    return json.load(f)
+  return json_file.read(os.path.join(model_dir(path), 'config.json'),
+                        'a diffusers transformer directory holds one')
 
 
 def spec(path: str, **overrides) -> ModelSpec:

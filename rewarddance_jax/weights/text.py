@@ -12,14 +12,13 @@ layer_norm2}.{weight,bias}, text_model.final_layer_norm.{weight,bias}[, text_pro
 
 from __future__ import annotations
 
-import json
 import os
 
 from flax import nnx
 
 from rewarddance_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from rewarddance_jax.models.t5 import T5Config, T5Encoder
-from rewarddance_jax.weights import cache
+from rewarddance_jax.weights import cache, json_file
 from rewarddance_jax.weights import safetensors_io as st
 from rewarddance_jax.weights.keymap import IDENTITY, LINEAR, Rule
 from rewarddance_jax.weights.spec import ModelSpec
@@ -73,11 +72,8 @@ def clip_rules(cfg: CLIPTextConfig, prefix: tuple = (), src_prefix: str = 'text_
 
 
 def _read_json(path: str) -> dict:
-  cfg_path = os.path.join(path, 'config.json')
-  if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f'{cfg_path} not found (a transformers model directory holds one).')
-  with open(cfg_path) as f:
-    return json.load(f)
+  return json_file.read(os.path.join(path, 'config.json'),
+                        'a transformers model directory holds one')
 
 
 def t5_config(c: dict, **overrides) -> T5Config:

@@ -10,14 +10,13 @@ scale.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 from flax import nnx
 
 from rewarddance_jax.models.vae import AutoencoderKL, VAEConfig
-from rewarddance_jax.weights import cache, loader
+from rewarddance_jax.weights import cache, json_file, loader
 from rewarddance_jax.weights.spec import ModelSpec
 from rewarddance_jax.weights.keymap import CONV2D, IDENTITY, LINEAR, Rule
 
@@ -150,8 +149,7 @@ def model_dir(path: str) -> str:
 
 
 def spec(path: str, **overrides) -> ModelSpec:
-  with open(os.path.join(model_dir(path), 'config.json')) as f:
-    cfg = vae_config(json.load(f), **overrides)
+  cfg = vae_config(json_file.read(os.path.join(model_dir(path), 'config.json')), **overrides)
   return ModelSpec('vae', model_dir(path), cfg, lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)),
                    tuple(rules(cfg)), prefer=WEIGHTS_NAME)
 

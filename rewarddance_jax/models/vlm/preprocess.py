@@ -42,13 +42,6 @@ def best_grid(height: int, width: int, tile: int, min_tiles: int = 1,
   return best
 
 
-def num_tiles(height: int, width: int, tile: int, min_tiles: int = 1, max_tiles: int = 1,
-              thumbnail: bool = True) -> int:
-  cols, rows = best_grid(height, width, tile, min_tiles, max_tiles)
-  n = cols * rows
-  return n + 1 if thumbnail and n > 1 else n
-
-
 def _resize(x: jax.Array, h: int, w: int) -> jax.Array:
   if x.shape[1:3] == (h, w):
     return x
