@@ -81,9 +81,10 @@ def test_digits_hosts_partition_the_global_batch():
   for step, global_batch in enumerate(global_batches):
     host_batches = [hosts[h][step] for h in range(3)]
     assert all(b['images'].shape[0] == 4 for b in host_batches)
-    # Host h holds global rows h, h + 3, h + 6, ...: interleaving them rebuilds the global batch.
-    rebuilt = np.stack([b['labels'] for b in host_batches], axis=1).reshape(-1)
-    np.testing.assert_array_equal(rebuilt, global_batch['labels'])
+    # Host h holds the h-th block of 4 rows: the blocks in host order are the global batch.
+    for key in ('labels', 'images', 'tokens'):
+      rebuilt = np.concatenate([b[key] for b in host_batches])
+      np.testing.assert_array_equal(rebuilt, global_batch[key])
 
 
 def test_digits_batch_must_divide_process_count():
@@ -135,6 +136,10 @@ def test_prompt_iter_per_host_and_divisibility(tok):
                                      process_index=h, process_count=2)) for h in range(2)]
   assert all(len(b['prompts']) == 4 for b in hosts)
   assert set(hosts[0]['ids'].tolist()).isdisjoint(hosts[1]['ids'].tolist())
+  whole = next(pipeline.prompt_iter(records, 8, seed=0, tokenizer=tok, max_len=6, repeat_each=2,
+                                    process_index=0, process_count=1))
+  assert hosts[0]['prompts'] + hosts[1]['prompts'] == whole['prompts']
+  np.testing.assert_array_equal(np.concatenate([b['ids'] for b in hosts]), whole['ids'])
   with pytest.raises(ValueError, match='divisible by repeat_each=3'):
     pipeline.prompt_iter(records, 8, seed=0, tokenizer=tok, max_len=6, repeat_each=3,
                          process_index=0, process_count=1)

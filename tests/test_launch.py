@@ -39,6 +39,17 @@ def test_bad_config_arg_and_missing_file():
   assert _last_line(out.stderr).startswith('error: --config=configs/digits/nope.py:')
 
 
+def test_object_store_workdir_and_bad_distributed_flags_are_named():
+  out = _run('launch.train', '--config=configs/digits/flow.py:runlocal', '--workdir=gs://b/run')
+  assert out.returncode != 0 and _last_line(out.stderr).startswith('error: --workdir=gs://b/run:')
+  out = _run('launch.train', '--config=configs/digits/flow.py:runlocal', '--workdir=/tmp/nw',
+             '--coordinator=127.0.0.1:1', '--num_processes=2')
+  assert out.returncode != 0
+  assert _last_line(out.stderr) == ("error: with coordinator='127.0.0.1:1', num_processes=2 must "
+                                    "be >= 1 and process_id=-1 in [0, num_processes).")
+  assert not os.path.exists('/tmp/nw')
+
+
 def test_train_resume_sample_evaluate(tmp_path):
   work = str(tmp_path / 'run')
   common = ['launch.train', '--config=configs/digits/flow.py:runlocal,steps=4',

@@ -3,7 +3,6 @@
 import logging
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -144,11 +143,3 @@ def test_every_generator_param_has_logical_names():
                                             sharding_lib.DEFAULT_RULES)
   missing = [p for p, n in sharding_lib.param_logical_names(state).items() if n is None]
   assert not missing, missing
-
-
-def test_distributed_not_initialised_single_process(monkeypatch):
-  for k in ('TPU_WORKER_HOSTNAMES', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE',
-            'JAX_COORDINATOR_ADDRESS'):
-    monkeypatch.delenv(k, raising=False)
-  assert mesh_lib.maybe_initialize_distributed() is False
-  assert jnp.ones(()).item() == 1.0

@@ -10,10 +10,12 @@ int32 (which preference the pair expresses, for per-kind metrics).
      'clean'  (kind 1): chosen = a digit y; rejected = the same image degraded — additive pixel
                         noise (std U(0.15, 0.35), clipped) or a 3×3 box blur — the "clean strokes ≻
                         noisy / smeared strokes" preference a user of a digit generator wants.
-   Batch k of host h comes from `np.random.default_rng((seed, k, h))`: stateless, so
-   `get_state`/`set_state` (the step counter) resume exactly.
+   Global batch k comes from `np.random.default_rng((seed, k, 0))`: stateless, so
+   `get_state`/`set_state` (the step counter) resume exactly; every host draws it and keeps its
+   block of rows (host h of n: rows [h * b, (h + 1) * b), as `data/pipeline.py`).
 2. `JsonlPairs(path, batch_size, tokenizer, ...)`: lines {"prompt": str, "chosen": file,
-   "rejected": file} with .npy latents (paths relative to the JSONL), cycled in a seeded order.
+   "rejected": file} with .npy latents (paths relative to the JSONL), cycled in a seeded order;
+   host h reads its block of each global batch.
 """
 
 from __future__ import annotations
@@ -60,15 +62,15 @@ class DigitPairs:
     self._kinds = np.array([KINDS.index(k) for k in kinds], np.int32)
     self._tokens, self._mask = tokenizer_lib.encode_prompts(
         tokenizer, [digits.prompt_for_label(d) for d in range(10)], max_len)
-    self._per_host = batch_size // process_count
+    self._per_host, self._batch = batch_size // process_count, batch_size
     self._seed, self._host, self._step = int(seed), int(process_index), 0
 
   def __iter__(self):
     return self
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng((self._seed, int(step), self._host))
-    n = self._per_host
+    rng = np.random.default_rng((self._seed, int(step), 0))
+    n = self._batch
     labels = rng.integers(0, 10, n)
     kind = self._kinds[rng.integers(0, len(self._kinds), n)]
     chosen_idx = np.array([rng.choice(self._by_label[y]) for y in labels])
@@ -77,8 +79,10 @@ class DigitPairs:
     chosen = self._images[chosen_idx]
     rejected = np.where((kind == 0)[:, None, None, None], self._images[wrong_idx],
                         degrade(chosen, rng))
-    return {'chosen': chosen * 2.0 - 1.0, 'rejected': rejected * 2.0 - 1.0,
-            'tokens': self._tokens[labels], 'mask': self._mask[labels], 'kind': kind}
+    rows = slice(self._host * self._per_host, (self._host + 1) * self._per_host)
+    return {'chosen': chosen[rows] * 2.0 - 1.0, 'rejected': rejected[rows] * 2.0 - 1.0,
+            'tokens': self._tokens[labels[rows]], 'mask': self._mask[labels[rows]],
+            'kind': kind[rows]}
 
   def __next__(self) -> dict[str, np.ndarray]:
     out = self.batch(self._step)
@@ -125,7 +129,7 @@ class JsonlPairs:
   def __next__(self) -> dict[str, np.ndarray]:
     rows = []
     for j in range(self._per_host):
-      g = (self._step * self._per_host + j) * self._hosts + self._host   # global row
+      g = (self._step * self._hosts + self._host) * self._per_host + j   # global row
       epoch, pos = divmod(g, len(self._rows))
       rows.append(self._rows[np.random.default_rng((self._seed, epoch)).permutation(
           len(self._rows))[pos]])

@@ -6,12 +6,13 @@ Both pipelines follow docs/design.md §6 and have the same shape:
    records / a TFDS ArrayRecord source);
 2. `.shuffle(seed).repeat()`: a global permutation, different in every epoch, identical on every
    host because every host uses the same seed;
-3. per-host slicing `[process_index::process_count]` of that global stream; host h's j-th row of
-   batch k is global row (k * b + j) * process_count + h, so the union of the host batches of step
-   k is exactly global rows [k * B, (k + 1) * B) whatever the number of hosts;
-4. `.batch(per_host_batch, drop_remainder=True)` (fixed shapes, no recompiles) and a map that adds
-   the tokens (and, for GRPO, repeats each prompt G times adjacently);
-5. `.to_iter_dataset(read_options)`: a `grain.DatasetIterator` whose `get_state()` is a small
+3. `.batch(per_host_batch, drop_remainder=True)` (fixed shapes, no recompiles), then this host's
+   chunks `[process_index::process_count]`: host h's batch k is global rows
+   [k * B + h * b, k * B + (h + 1) * b), the block of the global batch that
+   `parallel.sharding.host_to_global` places on host h's devices, so the global batch of step k
+   is global rows [k * B, (k + 1) * B) in order whatever the number of hosts; a map adds the
+   tokens (and, for GRPO, repeats each prompt G times adjacently);
+4. `.to_iter_dataset(read_options)`: a `grain.DatasetIterator` whose `get_state()` is a small
    JSON-serialisable dict to save with the checkpoint; `set_state()` resumes with exactly the
    batches an uninterrupted run would have produced.
 
@@ -53,15 +54,16 @@ def _per_host_batch(batch_size: int, process_count: int) -> int:
   return batch_size // process_count
 
 
-def _shuffled_host_stream(source: Any, *, seed: int, shuffle: bool, num_epochs: int | None,
-                          process_index: int, process_count: int) -> grain.MapDataset:
-  """Steps 1-3: source -> (shuffle) -> repeat -> this host's slice of the global stream."""
+def _host_batches(source: Any, per_host: int, *, seed: int, shuffle: bool,
+                  num_epochs: int | None, process_index: int, process_count: int,
+                  batch_fn: Any = None) -> grain.MapDataset:
+  """Steps 1-3: source -> (shuffle) -> repeat -> batches of `per_host` -> this host's share."""
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=int(seed))
-  ds = ds.repeat(num_epochs)
-  if process_count > 1:
-    ds = ds[process_index::process_count]
+  ds = ds.repeat(num_epochs).batch(per_host, drop_remainder=True, batch_fn=batch_fn)
+  if process_count > 1:   # every host gets as many batches (a finite pass drops the tail)
+    ds = ds[process_index:len(ds) // process_count * process_count:process_count]
   return ds
 
 
@@ -110,10 +112,10 @@ def digits_train_dataset(batch_size: int, *, seed: int, split: str = 'train',
   data = digits.load_split(split, seed=split_seed)
   table_tokens, table_mask = tokenizer_lib.encode_prompts(
       tok, [digits.prompt_for_label(label) for label in range(10)], max_len)
-  ds = _shuffled_host_stream(_DigitsSource(data['images'], data['labels']), seed=seed,
-                             shuffle=shuffle, num_epochs=num_epochs, process_index=index,
-                             process_count=count)
-  ds = ds.batch(per_host, drop_remainder=True).map(_AddDigitTokens(table_tokens, table_mask))
+  ds = _host_batches(_DigitsSource(data['images'], data['labels']), per_host, seed=seed,
+                     shuffle=shuffle, num_epochs=num_epochs, process_index=index,
+                     process_count=count)
+  ds = ds.map(_AddDigitTokens(table_tokens, table_mask))
   return ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
 
 
@@ -211,9 +213,9 @@ def _grouped_batches(source: Any, batch_fn: Any, batch_size: int, *, seed: int,
                      f'process_count={count}) must be divisible by repeat_each={repeat_each}')
   if len(source) == 0:  # pylint: disable=g-explicit-length-test  (sources may lack __bool__)
     raise ValueError('prompt set is empty')
-  ds = _shuffled_host_stream(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                             process_index=index, process_count=count)
-  ds = ds.batch(per_host // repeat_each, drop_remainder=True, batch_fn=batch_fn)
+  ds = _host_batches(source, per_host // repeat_each, seed=seed, shuffle=shuffle,
+                     num_epochs=num_epochs, process_index=index, process_count=count,
+                     batch_fn=batch_fn)
   return ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
 
 

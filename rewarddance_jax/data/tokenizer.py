@@ -83,7 +83,7 @@ def save_tokenizer(tok: tokenizers.Tokenizer, path: str | os.PathLike[str]) -> s
   """Writes `tokenizer.json` (into `path` if it is a directory) and returns the file path."""
   file_path = _file_path(path)
   os.makedirs(os.path.dirname(file_path) or '.', exist_ok=True)
-  tmp_path = file_path + '.tmp'
+  tmp_path = f'{file_path}.tmp{os.getpid()}'   # every host of a run may write the same file
   tok.save(tmp_path)
   os.replace(tmp_path, file_path)
   return file_path

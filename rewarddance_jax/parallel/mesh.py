@@ -1,4 +1,4 @@
-"""Device mesh from config data, and multi-process start-up.
+"""Device mesh from config data (multi-process start-up: `parallel/distributed.py`).
 
 A mesh is config data, never code (docs/design.md §3 rule 2):
 
@@ -20,7 +20,6 @@ Steps of `create_mesh`:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import jax
@@ -90,31 +89,3 @@ def create_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
   logging.info('Mesh %s over %d devices (%d slice(s)).', dict(mesh.shape), len(devices), slices)
   return mesh
 
-
-def maybe_initialize_distributed() -> bool:
-  """Calls `jax.distributed.initialize()` when the environment describes several processes.
-
-  TPU pods, Slurm and Open MPI provide everything through the environment; on GPU clusters the
-  coordinator variables below are read. Returns True when it initialised the distributed system.
-  Must run before anything touches `jax.devices()`.
-  """
-  env = os.environ
-  multi_process = (
-      'TPU_WORKER_HOSTNAMES' in env and ',' in env.get('TPU_WORKER_HOSTNAMES', '')
-      or int(env.get('SLURM_NTASKS', '1')) > 1
-      or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
-      or 'JAX_COORDINATOR_ADDRESS' in env)
-  if not multi_process:
-    return False
-  if jax.distributed.is_initialized():
-    return False
-  kwargs = {}
-  if 'JAX_COORDINATOR_ADDRESS' in env:
-    kwargs = dict(
-        coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
-        num_processes=int(env['JAX_NUM_PROCESSES']),
-        process_id=int(env['JAX_PROCESS_ID']))
-  jax.distributed.initialize(**kwargs)
-  logging.info('jax.distributed initialised: process %d of %d.', jax.process_index(),
-               jax.process_count())
-  return True

@@ -16,6 +16,7 @@ Sharded initialisation (docs/design.md §4.2), as `sharded_init` does it:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -217,17 +218,42 @@ def data_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(('act_batch',) + (None,) * (ndim - 1), rules))
 
 
+@functools.lru_cache(maxsize=64)
+def _holds_own_block(sharding: NamedSharding, local_rows: int) -> bool:
+  """Whether this process's devices hold exactly rows [h * b, (h + 1) * b) of the global batch
+  (h = process index, b = `local_rows`): the block the data pipelines give host h."""
+  h, total = jax.process_index(), jax.process_count() * local_rows
+  held = set()
+  for index in sharding.addressable_devices_indices_map((total,)).values():
+    held.update(range(*index[0].indices(total)))
+  return held == set(range(h * local_rows, (h + 1) * local_rows))
+
+
+@functools.lru_cache(maxsize=64)
+def _process_major(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Rows split over the mesh's devices in process order: host h's block on host h."""
+  devices = sorted(mesh.devices.flat, key=lambda d: (d.process_index, d.id))
+  return NamedSharding(Mesh(np.asarray(devices), ('rows',)), P('rows', *(None,) * (ndim - 1)))
+
+
 def host_to_global(batch: Any, mesh: Mesh, rules: Rules) -> Any:
   """Turns this process's numpy batch (a pytree) into global jax Arrays sharded on the batch axis.
 
-  Each process passes its own slice (global_batch / process_count rows); strings stay on the host
-  and must be removed by the caller first.
+  Each process passes its block of the global batch: process h of n, with b rows, passes global
+  rows [h * b, (h + 1) * b) (`data/pipeline.py`). Where the mesh puts other rows on its devices
+  (a batch axis whose mesh axes do not run in process order, e.g. `data` across hosts after
+  `fsdp`), the rows move there through the devices. Strings stay on the host and must be
+  removed by the caller first.
   """
   def put(x):
     x = np.asarray(x)
     if x.dtype.kind in 'OUS':
       raise TypeError('host_to_global got a string array; keep prompts on the host.')
-    return jax.make_array_from_process_local_data(data_sharding(mesh, rules, x.ndim), x)
+    target = data_sharding(mesh, rules, x.ndim)
+    if _holds_own_block(target, x.shape[0]):
+      return jax.make_array_from_process_local_data(target, x)
+    blocks = jax.make_array_from_process_local_data(_process_major(mesh, x.ndim), x)
+    return jax.device_put(blocks, target)
 
   return jax.tree.map(put, batch)
 

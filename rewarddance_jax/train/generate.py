@@ -148,7 +148,8 @@ def make_judge_hook(config, graphdef, tok, workdir: str, image_shape: tuple[int,
     images, labels, prompts = sample_digits(sample_fn, params, tok,
                                             per_class=int(config.samples.per_class),
                                             max_len=max_len, key=sample_key)
-    write_samples(os.path.join(workdir, 'samples'), f'samples_{step}', images, labels, prompts)
+    if jax.process_index() == 0:   # every host holds the same samples
+      write_samples(os.path.join(workdir, 'samples'), f'samples_{step}', images, labels, prompts)
     out = {'judge_accuracy': judge().accuracy(images, labels), 'samples': sample_grid(images)}
     if extra is not None:
       tokens, mask = tokenizer_lib.encode_prompts(tok, prompts, max_len)
