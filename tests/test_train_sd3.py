@@ -106,6 +106,7 @@ def test_cfg_velocity_is_the_guided_combination_of_two_calls(dirs):
   assert float(jnp.max(jnp.abs(v_c - v_u))) > 1e-3   # the negative prompt matters
 
 
+@pytest.mark.slow  # R0's family path runs on FLUX in the default suite (test_train_flux.py)
 def test_r0_trains_sd3_with_cfg(dirs, tmp_path):
   c = _config(dirs, 2)
   c.trainer = 'r0'
@@ -134,7 +135,8 @@ def _feedback_config(d, trainer, steps):
   return c
 
 
-@pytest.mark.parametrize('trainer', ['refl', 'prfl'])
+# PRFL's family path (data, velocity, codec) is ReFL's: its SD3 variant is marked slow.
+@pytest.mark.parametrize('trainer', ['refl', pytest.param('prfl', marks=pytest.mark.slow)])
 def test_reward_feedback_trains_sd3_with_cfg_and_resumes_exactly(dirs, tmp_path, trainer):
   module = {'refl': refl_trainer, 'prfl': prfl_trainer}[trainer]
   module.train(_feedback_config(dirs, trainer, 2), str(tmp_path / 'straight'))
