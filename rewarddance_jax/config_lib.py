@@ -156,3 +156,29 @@ def _exit_bad_flag(message: str):
   print(f'error: {message}', file=sys.stderr, flush=True)
   sys.exit(2)
 
+
+
+# The numeric keys of the config sections that have no dataclass of their own (the trainers read
+# them directly): (kind, range) per key, checked by `check_plain_sections` before a run starts.
+PLAIN_SECTIONS = {
+    '': {'seed': (int, '[0, inf)'), 'ema_decay': (float, '[0, 1)')},
+    'data': {'batch_size': (int, '[1, inf)'), 'max_text_len': (int, '[1, inf)')},
+    'sampler': {'num_steps': (int, '[1, inf)'), 'shift': (float, '(0, inf)'),
+                'noise_level': (float, '[0, inf)')},
+    'samples': {'every': (int, '[0, inf)'), 'per_class': (int, '[0, inf)')},
+    'eval': {'every': (int, '[0, inf)'), 'num_pairs': (int, '[1, inf)')},
+    'pairs': {'batch_size': (int, '[1, inf)'), 'max_text_len': (int, '[1, inf)')},
+    'flow': {'shift': (float, '(0, inf)')},
+}
+
+
+def check_plain_sections(config) -> None:
+  """One-line errors for out-of-range numbers in PLAIN_SECTIONS (keys that are present)."""
+  for where, keys in PLAIN_SECTIONS.items():
+    sec = config if not where else config.get(where, None)
+    if not hasattr(sec, 'get'):
+      continue
+    for key, (kind, spec) in keys.items():
+      value = sec.get(key, None)
+      if value is not None:
+        check_number(value, kind, spec, f'config.{where + "." if where else ""}{key}')

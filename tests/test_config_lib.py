@@ -71,3 +71,20 @@ def test_every_declared_range_names_a_numeric_field_and_parses():
           assert lo < hi, (cls, key)
         seen += 1
   assert seen >= 15
+
+
+@pytest.mark.parametrize('key, value, match', [
+    ('data.batch_size', -5, r'config.data.batch_size=-5 must be an integer in \[1, inf\)'),
+    ('sampler.num_steps', 0, r'config.sampler.num_steps=0 must be an integer'),
+    ('sampler.shift', 0.0, r'config.sampler.shift=0.0 must be a number in \(0, inf\)'),
+    ('samples.per_class', -1, r'config.samples.per_class=-1 must be an integer'),
+    ('seed', -1, r'config.seed=-1 must be an integer in \[0, inf\)'),
+])
+def test_plain_sections_are_range_checked(key, value, match):
+  from configs.digits import grpo as grpo_config  # pylint: disable=import-outside-toplevel
+  c = grpo_config.get_config('runlocal')
+  sec, _, k = key.rpartition('.')
+  (c[sec] if sec else c)[k] = value
+  with pytest.raises(ValueError, match=match):
+    config_lib.check_plain_sections(c)
+  config_lib.check_plain_sections(grpo_config.get_config('runlocal'))   # the defaults pass

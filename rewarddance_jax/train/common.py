@@ -19,13 +19,15 @@ import os
 import jax
 from flax import nnx
 
-from rewarddance_jax import families
+from rewarddance_jax import config_lib, families
 from rewarddance_jax.parallel import mesh as mesh_lib
 from rewarddance_jax.parallel import rng as rng_lib
 from rewarddance_jax.parallel import sharding as sharding_lib
 
 
 def setup_mesh(config):
+  """The run's mesh and logical rules (after the plain sections' numbers are range-checked)."""
+  config_lib.check_plain_sections(config)
   mesh = mesh_lib.create_mesh(config.mesh)
   rules = sharding_lib.rules_from_config(config.sharding_rules)
   sharding_lib.check_rules(rules, mesh)
