@@ -47,6 +47,7 @@ def test_bad_inputs_are_one_line_and_status_2(runner):
   assert '| 4 |' in faults.table(rows)
 
 
+@pytest.mark.slow  # 68 s of CLI runs; tests/test_resume_faults.py covers the resumes in process
 def test_kill_during_a_save_and_sigterm_resume_exactly(runner):
   rows = _check(runner, 'kill_during_save', 'sigterm')
   assert rows[0].status == -9 and rows[1].status == 143

@@ -135,8 +135,9 @@ def _feedback_config(d, trainer, steps):
   return c
 
 
-# PRFL's family path (data, velocity, codec) is ReFL's: its SD3 variant is marked slow.
-@pytest.mark.parametrize('trainer', ['refl', pytest.param('prfl', marks=pytest.mark.slow)])
+# Slow (the cold suite's 10-minute budget): GRPO on SD3.5 covers the CFG family path by default.
+@pytest.mark.slow
+@pytest.mark.parametrize('trainer', ['refl', 'prfl'])
 def test_reward_feedback_trains_sd3_with_cfg_and_resumes_exactly(dirs, tmp_path, trainer):
   module = {'refl': refl_trainer, 'prfl': prfl_trainer}[trainer]
   module.train(_feedback_config(dirs, trainer, 2), str(tmp_path / 'straight'))
