@@ -7,6 +7,7 @@ import pytest
 from configs.digits import flow as flow_config
 from rewarddance_jax.data import tokenizer as tokenizer_lib
 from rewarddance_jax.flow import rollout as rollout_lib
+from rewarddance_jax.families.base import Guidance, guided_velocity
 from rewarddance_jax.train import common, generate
 
 
@@ -41,7 +42,7 @@ def test_best_of_n_picks_the_best_of_its_candidates(tiny):
   x = rollout_lib.initial_noise(key, (30, 16, 16, 1))
   cond = {'tokens': np.repeat(tokens, 3, 0), 'mask': np.repeat(mask, 3, 0)}
   cands = np.asarray(generate.to_unit(rollout_lib.sample_ode(
-      generate.velocity_fn(graphdef, params, cond), x, generate.sampler_sigmas(cfg.sampler))))
+      lambda x_, s: guided_velocity(graphdef, Guidance())(params, x_, s, cond), x, generate.sampler_sigmas(cfg.sampler))))
   best = _brightness(cands, None).reshape(10, 3).max(axis=1)
   np.testing.assert_allclose(_brightness(images, None), best, rtol=1e-5)
 

@@ -83,12 +83,18 @@ def test_grpo_trains_sd3_with_cfg_and_resumes_exactly(dirs, tmp_path):
   assert key(resumed) == key(straight)
 
 
-def test_cfg_velocity_is_the_guided_combination_of_two_calls(dirs):
+def _loaded(dirs):
+  """(family, mesh, rules, graphdef, params) of the tiny SD3.5 on one device."""
   cfg = _config(dirs, 1)
   fam = families.from_config(cfg)
   mesh = mesh_lib.create_mesh(cfg.mesh, jax.devices()[:1])
   rules = sharding_lib.rules_from_config(cfg.sharding_rules)
   graphdef, params, _, _ = fam.load(mesh, rules, progress=False)
+  return fam, mesh, rules, graphdef, params
+
+
+def test_cfg_velocity_is_the_guided_combination_of_two_calls(dirs):
+  fam, mesh, rules, graphdef, params = _loaded(dirs)
   rng = np.random.default_rng(0)
   cond = {'txt': rng.standard_normal((2, L, TXT)).astype(np.float32),
           'pooled': rng.standard_normal((2, POOLED)).astype(np.float32),
@@ -159,11 +165,7 @@ def test_fm_weight_without_real_images_is_one_clear_error(dirs, tmp_path):
 
 
 def test_sampling_and_best_of_n_search_on_sd3_with_cfg(dirs):
-  cfg = _config(dirs, 1)
-  fam = families.from_config(cfg)
-  mesh = mesh_lib.create_mesh(cfg.mesh, jax.devices()[:1])
-  rules = sharding_lib.rules_from_config(cfg.sharding_rules)
-  graphdef, params, _, _ = fam.load(mesh, rules, progress=False)
+  fam, mesh, rules, graphdef, params = _loaded(dirs)
   codec = fam.codec(mesh, rules)
   sampler = ml_collections.ConfigDict(dict(kind='ode', schedule='shift', num_steps=3, shift=3.0))
   kw = dict(prompts_dir=dirs['prompts'], count=2, key=jax.random.key(0))

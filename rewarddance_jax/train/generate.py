@@ -1,7 +1,7 @@
-"""Sampling glue between a generator param tree and flow/: velocity closures and digit grids.
+"""Sampling glue between a generator param tree and flow/: samplers, searches and digit grids.
 
-  1. `velocity_fn(graphdef, params, cond, guidance)` closes a Generator over its params and
-     conditioning, giving the `(x, σ) -> v` function that flow/ samplers call.
+  1. `make_cond_sampler` / `make_sampler`: jitted samplers of the guided velocity
+     (`families.base.guided_velocity`) for any family's conditioning, or token ids.
   2. `sample_digits(...)` draws `per_class` images for each of the ten digit prompts with the
      configured schedule and step kind, from a fixed key (so sample grids are comparable across
      steps and runs), and returns images in [0, 1] with labels and prompts.
@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
 
 from rewarddance_jax import metrics as metrics_lib
 from rewarddance_jax.data import digits
@@ -31,15 +30,6 @@ from rewarddance_jax.families.base import Guidance, guided_velocity
 from rewarddance_jax.flow import rollout as rollout_lib
 from rewarddance_jax.flow import schedules, search
 from rewarddance_jax.parallel import rng as rng_lib
-
-
-def velocity_fn(graphdef, params, cond: dict, guidance=None):
-  model = nnx.merge(graphdef, params)
-
-  def v(x, sigma):
-    return model(x, sigma, cond, guidance)
-
-  return v
 
 
 def to_unit(x: jax.Array) -> jax.Array:
@@ -200,7 +190,7 @@ def search_digits(graphdef, params, tok, sampler_cfg, score, *, per_class: int, 
     lab = np.repeat(labels, x0.shape[0] // len(labels))
     return jnp.asarray(score(np.asarray(to_unit(x0)), lab))
 
-  res = search_prompts(lambda p, x, s, c: velocity_fn(graphdef, p, c)(x, s), params,
+  res = search_prompts(guided_velocity(graphdef, Guidance()), params,
                        {'tokens': tokens, 'mask': mask}, sampler_cfg, verifier,
                        image_shape=image_shape, key=key, method=method, n=n, m=m,
                        delta_f=delta_f, every=every)

@@ -222,12 +222,6 @@ def policy_params(gcfg: 'GRPOConfig', trainable, consts):
   return trainable
 
 
-def identity_params(trainable, consts):
-  """Full fine-tuning: the trainable tree is the generator's param tree."""
-  del consts
-  return trainable
-
-
 @dataclasses.dataclass(frozen=True)
 class GRPOFunctions:
   """The parts of one GRPO iteration; `step` is their composition (module docstring).
